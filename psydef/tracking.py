@@ -1,0 +1,112 @@
+"""MLflow names in one place: experiment, tags, run names and artifact paths, plus the small
+helpers that read and write them. Tracking code never does math."""
+from __future__ import annotations
+
+import json
+import os
+import tempfile
+from contextlib import contextmanager
+from pathlib import Path
+
+import numpy as np
+
+DEFAULT_EXPERIMENT = "psydef"
+# The embedded default: MLflow's local SQLite store in the working directory, artifacts beside it.
+DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
+
+# Tags
+STAGE = "psydef.stage"
+SEED = "psydef.seed"
+BACKBONE = "psydef.backbone"
+DATA_DIGEST = "psydef.data_digest"
+PREPARE_RUN_ID = "psydef.prepare_run_id"
+FOLD = "psydef.fold"
+FOLD_STATUS = "psydef.fold_status"  # "finished" only once every fold artifact is logged
+MEMBER_RUN_IDS = "psydef.member_run_ids"  # a tune run's train runs, comma-separated, in ensemble order
+STUDY_NAME = "psydef.study_name"  # a tune run's Optuna study (in its storage param)
+
+# Stages (values of the STAGE tag)
+PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
+    "prepare", "train", "fold", "tune", "register", "promote", "predict", "pipeline")
+
+# Artifact paths
+FOLDS_CSV = "folds.csv"
+OOF_IDS, OOF_LOGITS = "oof/ids.json", "oof/logits.npy"
+TEST_IDS, TEST_LOGITS, TEST_PROBS = "test/ids.json", "test/logits.npy", "test/probs.npy"
+ADAPTER_DIR = "adapter"
+ENSEMBLE_JSON = "ensemble.json"
+TRIALS_CSV = "trials.csv"
+HISTORY_PLOT, IMPORTANCE_PLOT = "plots/optimization_history.png", "plots/param_importances.png"
+MODEL_ARTIFACT = "model"  # the pyfunc logged by a register run
+PREDICTION_JSON, PREDICTION_ZIP = "prediction.json", "prediction.zip"  # CodaBench submission
+PREDICT_IDS, PREDICT_PROBS = "ids.json", "probs.npy"
+CONFUSION_PLOT = "plots/confusion_matrix.png"
+
+# Model registry: the ensemble's name, its aliases, the deprecated stage set on request
+MODEL_NAME = "psydef-ensemble"
+PRODUCTION, PREVIOUS = "production", "previous"  # the champion and the one it replaced
+PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
+LEGACY_STAGE = "Production"
+
+# Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
+NESTED_F1, CALIBRATED_F1 = "oof_macro_f1_nested", "oof_macro_f1_calibrated"
+# Model version tags (lineage)
+V_TUNE_RUN_ID, V_TRAIN_RUN_IDS, V_DATA_DIGEST, V_BACKBONE = "tune_run_id", "train_run_ids", "data_digest", "backbone"
+
+
+def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
+    """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI, else the local SQLite default)
+    and at ``experiment`` (else $MLFLOW_EXPERIMENT_NAME, else ``psydef``). Returns the experiment id.
+
+    Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it."""
+    import mlflow
+
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per tiny file is noise
+    uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    mlflow.set_tracking_uri(uri)
+    active_run_id = os.environ.get("MLFLOW_RUN_ID")
+    if active_run_id and not experiment:  # launched by `mlflow run`: its run names the experiment
+        return mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id).experiment_id
+    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+    return mlflow.set_experiment(name).experiment_id
+
+
+@contextmanager
+def stage_run(stage: str, run_name: str, tags: dict | None = None):
+    """Open the run of one stage: nested under the active run (the pipeline's) when there is one;
+    under ``mlflow run`` the first stage takes over the run that ``mlflow run`` created."""
+    import mlflow
+
+    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+        mlflow.set_tags({STAGE: stage, **(tags or {})})  # start_run ignores tags when resuming a run
+        yield run
+
+
+def log_json(obj, artifact_path: str) -> None:
+    import mlflow
+
+    mlflow.log_text(json.dumps(obj, indent=1), artifact_path)
+
+
+def log_npy(array: np.ndarray, artifact_path: str) -> None:
+    import mlflow
+
+    directory, name = os.path.split(artifact_path)
+    with tempfile.TemporaryDirectory() as tmp:
+        np.save(Path(tmp) / name, array)
+        mlflow.log_artifact(str(Path(tmp) / name), artifact_path=directory or None)
+
+
+def load_json(run_id: str, artifact_path: str):
+    import mlflow
+
+    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_path}"))
+
+
+def load_npy(run_id: str, artifact_path: str) -> np.ndarray:
+    import mlflow
+
+    with tempfile.TemporaryDirectory() as tmp:
+        local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
+        return np.load(local, allow_pickle=False)

@@ -1,0 +1,211 @@
+"""The ``tune`` stage: calibrate the ensemble of logged train runs on their out-of-fold logits.
+
+Nothing is trained or recomputed: each member's OOF ids and logits are downloaded from its ``train``
+parent run, the labels and dialogues of those ids from the ``folds.csv`` of its prepare run. The
+search and the honest estimate are :func:`psydef.search.calibrate_oof`'s; this module fetches,
+aligns, calls and logs the outcome in a ``tune`` run: the three OOF macro-F1s, the per-level F1,
+``ensemble.json`` (the :class:`~psydef.calibrate.EnsembleSpec`), the trials and the plots.
+"""
+from __future__ import annotations
+
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import pandas as pd
+
+from psydef import tracking
+from psydef.search import align_members, calibrate_oof
+
+
+@dataclass(frozen=True)
+class OOFBundle:
+    """The members' OOF logits, aligned on one id order, with the labels and dialogues of those ids."""
+    run_ids: list[str]
+    backbones: list[str]  # per member
+    data_digest: str
+    ids: list[str]
+    logits: list[np.ndarray]  # per member, (n, 9), rows in ``ids`` order
+    y: np.ndarray
+    groups: np.ndarray  # dialogue ids
+
+
+def pick_train_runs() -> list:
+    """The latest FINISHED ``train`` parent run of each seed in the current experiment (the one
+    :func:`psydef.tracking.configure` set), among those that share the data digest and backbone of
+    the newest one; newest first."""
+    import mlflow
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
+
+    experiment = mlflow.get_experiment(MLFLOW_EXPERIMENT_ID.get())
+    runs = mlflow.search_runs([experiment.experiment_id],
+                              filter_string=f"tags.`{tracking.STAGE}` = '{tracking.TRAIN}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+    if not runs:
+        raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of {mlflow.get_tracking_uri()}: "
+                         "train first, or pass train_runs=RUN_ID,RUN_ID")
+
+    def digest_and_backbone(run):
+        return run.data.tags.get(tracking.DATA_DIGEST), run.data.tags.get(tracking.BACKBONE)
+
+    latest_per_seed: dict[str, object] = {}
+    for run in runs:
+        if digest_and_backbone(run) == digest_and_backbone(runs[0]):
+            latest_per_seed.setdefault(run.data.tags.get(tracking.SEED), run)
+    picked = list(latest_per_seed.values())
+    digest, backbone = digest_and_backbone(runs[0])
+    print(f"tune: picked the latest FINISHED train run of each seed with data digest {digest} and backbone "
+          f"{backbone}: " + ", ".join(f"{r.info.run_id} (seed {r.data.tags.get(tracking.SEED)})" for r in picked))
+    return picked
+
+
+def _train_run(run_id: str):
+    """The FINISHED train parent run ``run_id``."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"train run {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
+    stage = run.data.tags.get(tracking.STAGE)
+    if stage != tracking.TRAIN:
+        hint = " (a fold run: pass its parent train run)" if stage == tracking.FOLD_RUN else ""
+        raise ValueError(f"run {run_id} is not a train run (tag {tracking.STAGE}={stage!r}){hint}")
+    if run.info.status != "FINISHED":
+        raise ValueError(f"train run {run_id} is {run.info.status}, not FINISHED: its folds are not all trained "
+                         "and aggregated (train -P resume=true finishes it)")
+    return run
+
+
+def _download(run_id: str, artifact_path: str, load):
+    """``load(run_id, artifact_path)``, or None when the run has no such artifact."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return load(run_id, artifact_path)
+    except (MlflowException, OSError):
+        return None
+
+
+def _real_records(prepare_run_id: str, train_run_id: str) -> pd.DataFrame:
+    """The real (not augmented) rows of the prepare run's folds.csv, indexed by record id."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            folds = pd.read_csv(mlflow.artifacts.download_artifacts(
+                run_id=prepare_run_id, artifact_path=tracking.FOLDS_CSV, dst_path=tmp),
+                dtype={"id": str, "dialogue_id": str, "source_id": str})
+    except (MlflowException, OSError) as err:
+        raise ValueError(f"cannot read {tracking.FOLDS_CSV} of prepare run {prepare_run_id!r} (tag "
+                         f"{tracking.PREPARE_RUN_ID} of train run {train_run_id}): {err}") from err
+    return folds[~folds["is_augmented"].astype(bool)].set_index("id")
+
+
+def load_oof(run_ids: list[str]) -> OOFBundle:
+    """The OOF logits of the train runs ``run_ids``, aligned by record id, with their labels and
+    dialogues. Refuses runs that are not FINISHED train parents, that disagree on the data digest,
+    that have no OOF logits or whose OOF ids differ."""
+    if not run_ids:
+        raise ValueError("no train run given")
+    repeated = sorted({r for r in run_ids if run_ids.count(r) > 1})
+    if repeated:
+        raise ValueError(f"train runs listed more than once: {repeated}")
+    runs = [_train_run(run_id) for run_id in run_ids]
+    digests = {run.info.run_id: run.data.tags.get(tracking.DATA_DIGEST) for run in runs}
+    if len(set(digests.values())) != 1:
+        raise ValueError("the train runs were trained on different data (tag "
+                         f"{tracking.DATA_DIGEST}): {digests}; calibrate runs of one data digest")
+    ids, logits = align_members([(run_id, _download(run_id, tracking.OOF_IDS, tracking.load_json) or [],
+                                  _download(run_id, tracking.OOF_LOGITS, tracking.load_npy)) for run_id in run_ids])
+    # Same digest: every member's prepare run holds the same records, so the first one's labels serve all.
+    prepare_run_id = runs[0].data.tags.get(tracking.PREPARE_RUN_ID, "")
+    records = _real_records(prepare_run_id, run_ids[0])
+    unknown = [i for i in ids if i not in records.index]
+    if unknown:
+        raise ValueError(f"{len(unknown)} OOF ids of train run {run_ids[0]} are not real records of its prepare run "
+                         f"{prepare_run_id} (e.g. {unknown[:3]})")
+    rows = records.loc[ids]
+    return OOFBundle(run_ids=list(run_ids), backbones=[run.data.tags.get(tracking.BACKBONE, "") for run in runs],
+                     data_digest=digests[run_ids[0]], ids=ids, logits=logits,
+                     y=rows["label"].to_numpy(dtype=np.int64), groups=rows["dialogue_id"].to_numpy())
+
+
+def default_study_name(run_ids: list[str]) -> str:
+    """One study per ensemble: a stored study is only resumed or shared by tunes of the same members."""
+    return "calibration-" + "-".join(run_id[:8] for run_id in run_ids)
+
+
+def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampler: str = "tpe", gate: bool = True,
+             seed: int = 0, storage: str | None = None, study_name: str | None = None,
+             inner_trials: int = 500) -> str:
+    """Calibrate the ensemble of ``train_runs`` (default: :func:`pick_train_runs`) on their OOF logits
+    and log it in a ``tune`` run; returns its id.
+
+    ``storage`` (``sqlite:///optuna.db``, ``path.journal``; in memory when None) keeps the study, so a
+    second tune of the same members resumes it (``n_trials`` is the study's total) and tunes running at
+    once share it. ``study_name`` defaults to :func:`default_study_name`."""
+    import mlflow
+    import optuna
+
+    run_ids = train_runs or [run.info.run_id for run in pick_train_runs()]
+    oof = load_oof(run_ids)
+    study = study_name or default_study_name(run_ids)
+    backbone = ",".join(dict.fromkeys(oof.backbones))
+    n_dialogues = len(np.unique(oof.groups))
+    print(f"tune: {len(run_ids)} member(s) {run_ids}, backbone {backbone}, data digest {oof.data_digest}: "
+          f"{len(oof.ids)} OOF rows from {n_dialogues} dialogues")
+    tags = {tracking.DATA_DIGEST: oof.data_digest, tracking.BACKBONE: backbone,
+            tracking.MEMBER_RUN_IDS: ",".join(run_ids), tracking.STUDY_NAME: study}
+    # As given (what `mlflow run` logs from -P); the resolved members and study are the tags above.
+    params = {"train_runs": ",".join(train_runs or []), "n_trials": n_trials, "sampler": sampler, "gate": gate,
+              "seed": seed, "storage": storage or "", "study_name": study_name or "", "inner_trials": inner_trials}
+    with tracking.stage_run(tracking.TUNE, f"tune {sampler} n_trials={n_trials}", tags) as run:
+        given = mlflow.get_run(run.info.run_id).data.params  # under `mlflow run`: its -P values
+        mlflow.log_params({k: v for k, v in params.items() if k not in given}
+                          | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids), "n_dialogues": n_dialogues})
+        print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
+              f"{storage or 'in-memory'}), then the nested estimate: the search rerun with {inner_trials} trials "
+              "in each of 5 dialogue-grouped outer folds")
+        verbosity = optuna.logging.get_verbosity()
+        optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar stands for Optuna's line per trial
+        try:
+            report = calibrate_oof(oof.logits, oof.y, oof.groups, run_ids=run_ids, data_digest=oof.data_digest,
+                                   sampler=sampler, n_trials=n_trials, inner_n_trials=inner_trials, gate=gate,
+                                   seed=seed, storage=storage, study_name=study)
+        finally:
+            optuna.logging.set_verbosity(verbosity)
+        mlflow.log_metrics(report.metrics())
+        _log_artifacts(report, oof)
+    print(f"tune: OOF macro-F1 (levels 1..8) raw {report.oof_macro_f1_raw:.4f}, calibrated (in-sample) "
+          f"{report.oof_macro_f1_calibrated:.4f}, nested (honest) {report.oof_macro_f1_nested:.4f}; "
+          f"tune run {run.info.run_id}")
+    return run.info.run_id
+
+
+def _log_artifacts(report, oof: OOFBundle) -> None:
+    """ensemble.json (the spec, each member with its backbone), the trials table and the plots."""
+    import mlflow
+
+    from psydef.metrics import plot_confusion_matrix
+
+    spec = report.spec.to_dict()
+    for member, backbone in zip(spec["members"], oof.backbones):
+        member["backbone"] = backbone  # EnsembleSpec.from_dict keeps run_id and weight only
+    with tempfile.TemporaryDirectory() as tmp:
+        tmp = Path(tmp)
+        for path in (tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT):
+            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
+        report.trials_dataframe().to_csv(tmp / tracking.TRIALS_CSV, index=False)
+        report.search.plot_history(tmp / tracking.HISTORY_PLOT)
+        # Optuna's default PED-ANOVA evaluator: ~2 s for 22,000 trials, so every trial is used.
+        report.search.plot_importances(tmp / tracking.IMPORTANCE_PLOT)
+        plot_confusion_matrix(oof.y, report.spec.decode_logits(oof.logits), tmp / tracking.CONFUSION_PLOT,
+                              title=f"Calibrated OOF confusion matrix (macro-F1 1..8 = "
+                                    f"{report.oof_macro_f1_calibrated:.3f})")
+        mlflow.log_artifacts(str(tmp))
+    tracking.log_json(spec, tracking.ENSEMBLE_JSON)  # last: a tune run with ensemble.json is complete

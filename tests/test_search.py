@@ -1,0 +1,194 @@
+import multiprocessing as mp
+
+import numpy as np
+import optuna
+import pytest
+from optuna.trial import TrialState
+
+from psydef.calibrate import CandidateScorer, EnsembleSpec, blend, decode, macro_f1
+from psydef.search import (MemberAlignmentError, MissingLogitsError, SearchSpace, align_members, calibrate_oof,
+                           load_study, run_study)
+
+optuna.logging.set_verbosity(optuna.logging.WARNING)
+
+
+def problem(seed=0, n=300, n_members=2, n_groups=30):
+    rng = np.random.default_rng(seed)
+    prior = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100
+    y = rng.choice(9, size=n, p=prior)
+    logits = [1.5 * np.eye(9)[y] + np.log(prior) + rng.normal(size=(n, 9)) for _ in range(n_members)]
+    return logits, y, rng.integers(0, n_groups, size=n)
+
+
+def scorer(seed=0, **kwargs):
+    logits, y, _ = problem(seed, **kwargs)
+    return CandidateScorer.from_logits(logits, y)
+
+
+# --- alignment -----------------------------------------------------------------------------------
+
+
+def test_align_members_reorders_by_id():
+    logits, _, _ = problem(n=6)
+    ids = ["d1_u1", "d1_u2", "d2_u1", "d2_u2", "d3_u1", "d3_u2"]
+    order = [3, 0, 5, 1, 4, 2]
+    out_ids, aligned = align_members([("run_a", ids, logits[0]), ("run_b", [ids[i] for i in order], logits[1][order])])
+    assert out_ids == ids
+    np.testing.assert_array_equal(aligned[0], logits[0])
+    np.testing.assert_array_equal(aligned[1], logits[1])
+
+
+def test_align_members_refuses_different_id_sets():
+    ids = [f"u{i}" for i in range(5)]
+    with pytest.raises(MemberAlignmentError, match=r"run_a and run_b .* 2 of run_a's ids are missing from run_b "
+                                                   r"and 1 of run_b's are not in run_a"):
+        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids[:3] + ["x"], np.zeros((4, 9)))])
+    with pytest.raises(MemberAlignmentError, match="run_b has 1 duplicate"):
+        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids + ["u0"], np.zeros((6, 9)))])
+
+
+def test_align_members_refuses_missing_or_malformed_logits():
+    ids = ["a", "b"]
+    with pytest.raises(MissingLogitsError, match="run_b has no OOF logits"):
+        align_members([("run_a", ids, np.zeros((2, 9))), ("run_b", ids, None)])
+    with pytest.raises(MissingLogitsError, match=r"run_a's OOF logits .* shape \(2, 9\)"):
+        align_members([("run_a", ids, np.zeros((2, 8)))])
+    assert issubclass(MissingLogitsError, ValueError) and issubclass(MemberAlignmentError, ValueError)
+
+
+# --- search space --------------------------------------------------------------------------------
+
+
+def test_search_space_fixes_delta_7_and_maps_sticks_to_weights():
+    space = SearchSpace(n_members=3, gate=True)
+    names = list(space.distributions())
+    assert names == [f"delta_{c}" for c in (0, 1, 2, 3, 4, 5, 6, 8)] + ["stick_1", "stick_2", "tau7"]
+    params = dict(zip(names, [-1, 1, 2, 3, -3, 0.5, 0.25, 2.5, 0.5, 0.0, 0.7]))
+    weights, delta, tau7 = space.candidate(params)
+    assert delta.tolist() == [-1, 1, 2, 3, -3, 0.5, 0.25, 0, 2.5]
+    np.testing.assert_allclose(weights, [1 - 0.5 ** 0.5, 0.0, 0.5 ** 0.5])
+    assert tau7 == 0.7
+    assert "tau7" not in SearchSpace(1, gate=False).distributions()
+    assert SearchSpace(1, gate=False).candidate(dict.fromkeys(names[:8], 0.0))[2] is None
+
+
+# --- studies -------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("sampler", ["random", "tpe", "cmaes"])
+def test_study_best_value_is_what_the_spec_decodes(sampler):
+    logits, y, _ = problem(1)
+    result = run_study(CandidateScorer.from_logits(logits, y), n_trials=40, sampler=sampler, seed=3,
+                       show_progress=False)
+    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    assert len(complete) == len(result.study.trials) == 40 == result.n_new_trials
+    assert result.best_value == max(t.value for t in complete)
+    assert result.best_so_far()[-1] == result.best_value and len(result.trials_dataframe()) == 40
+    spec = result.spec(["a", "b"])
+    assert macro_f1(y, spec.decode_logits(logits)) == result.best_value
+
+
+def test_random_study_is_seeded():
+    a = run_study(scorer(), n_trials=30, sampler="random", seed=5, batch_size=7, show_progress=False)
+    b = run_study(scorer(), n_trials=30, sampler="random", seed=5, batch_size=7, show_progress=False)
+    c = run_study(scorer(), n_trials=30, sampler="random", seed=6, batch_size=7, show_progress=False)
+    assert [t.params for t in a.study.trials] == [t.params for t in b.study.trials]
+    assert [t.params for t in a.study.trials] != [t.params for t in c.study.trials]
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_resumed_study_continues(tmp_path, kind, sampler):
+    storage = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else f"journal://{tmp_path}/optuna.journal"
+    first = run_study(scorer(), n_trials=12, sampler=sampler, storage=storage, study_name="s", show_progress=False)
+    second = run_study(scorer(), n_trials=20, sampler=sampler, storage=storage, study_name="s", show_progress=False)
+    assert (first.n_new_trials, second.n_new_trials) == (12, 8)
+    trials = load_study(storage, "s").trials
+    assert [t.number for t in trials] == list(range(20)) and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({tuple(t.params.values()) for t in trials}) == 20  # the resumed run drew new candidates
+    assert run_study(scorer(), n_trials=20, sampler=sampler, storage=storage, study_name="s",
+                     show_progress=False).n_new_trials == 0
+
+
+def test_resuming_with_another_search_space_is_refused(tmp_path):
+    storage = str(tmp_path / "s.journal")
+    run_study(scorer(), n_trials=5, sampler="random", storage=storage, show_progress=False)
+    with pytest.raises(ValueError, match="members, gate or bounds differ"):
+        run_study(scorer(), n_trials=10, sampler="random", storage=storage, gate=False, show_progress=False)
+
+
+def test_storage_addresses_are_validated():
+    for bad in ("postgresql://host/db", "sqlite:///:memory:", "study.db"):
+        with pytest.raises(ValueError, match="storage|SQLite"):
+            run_study(scorer(n=20), n_trials=1, storage=bad, show_progress=False)
+    with pytest.raises(ValueError, match="Unknown sampler"):
+        run_study(scorer(n=20), n_trials=1, sampler="grid", show_progress=False)
+
+
+class FailingScorer(CandidateScorer):
+    def score(self, *args):
+        raise RuntimeError("boom")
+
+
+def test_an_interrupted_batch_stores_nothing(tmp_path):
+    logits, y, _ = problem(n=30)
+    storage = str(tmp_path / "s.journal")
+    run_study(scorer(n=30), n_trials=3, sampler="tpe", storage=storage, show_progress=False)
+    with pytest.raises(RuntimeError, match="boom"):
+        run_study(FailingScorer.from_logits(logits, y), n_trials=10, sampler="tpe", batch_size=4, storage=storage,
+                  show_progress=False)
+    assert [t.state for t in load_study(storage).trials] == [TrialState.COMPLETE] * 3
+    assert run_study(scorer(n=30), n_trials=10, sampler="tpe", storage=storage, show_progress=False).n_new_trials == 7
+
+
+def _share(storage, seed, sampler, barrier, queue):
+    barrier.wait()
+    result = run_study(scorer(n=200), n_trials=30, sampler=sampler, seed=seed, storage=storage, study_name="shared",
+                       batch_size=3, show_progress=False)
+    queue.put(result.n_new_trials)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+@pytest.mark.parametrize("sampler", ["random", "tpe"])
+def test_two_processes_share_a_study_and_end_with_exactly_n_trials(tmp_path, kind, sampler):
+    storage = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else str(tmp_path / "optuna.journal")
+    ctx = mp.get_context("fork")
+    barrier, queue = ctx.Barrier(2), ctx.Queue()
+    procs = [ctx.Process(target=_share, args=(storage, seed, sampler, barrier, queue)) for seed in (1, 2)]
+    for p in procs:
+        p.start()
+    for p in procs:
+        p.join(60)
+        assert p.exitcode == 0
+    contributions = sorted(queue.get(timeout=5) for _ in procs)
+    trials = load_study(storage, "shared").trials
+    assert sum(contributions) == 30 and contributions[0] > 0  # both processes ran batches
+    assert [t.number for t in trials] == list(range(30)) and all(t.state == TrialState.COMPLETE for t in trials)
+    assert len({tuple(t.params.values()) for t in trials}) == 30
+
+
+# --- plots and the whole calibration -------------------------------------------------------------
+
+
+def test_plots_are_written(tmp_path):
+    result = run_study(scorer(), n_trials=30, sampler="random", show_progress=False)
+    for path in (result.plot_history(tmp_path / "history.png"), result.plot_importances(tmp_path / "importances.png")):
+        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def test_calibrate_oof_reports_every_estimate(tmp_path):
+    logits, y, groups = problem(2, n=400, n_groups=40)
+    report = calibrate_oof(logits, y, groups, run_ids=["r1", "r2"], data_digest="d", sampler="random", n_trials=200,
+                           inner_n_trials=50, n_splits=3, show_progress=False)
+    assert report.oof_macro_f1_raw == macro_f1(y, decode(blend(logits, [0.5, 0.5]), np.zeros(9)))
+    assert report.oof_macro_f1_calibrated == report.search.best_value > report.oof_macro_f1_raw
+    assert 0 <= report.oof_macro_f1_nested <= 1 and len(report.nested.fold_f1) == 3
+    spec = EnsembleSpec.from_json(report.spec.to_json(tmp_path / "ensemble.json"))
+    pred = spec.decode_logits(logits)
+    assert macro_f1(y, pred) == report.oof_macro_f1_calibrated
+    assert spec.run_ids == ["r1", "r2"] and spec.data_digest == "d"
+    assert spec.metrics["oof_macro_f1_nested"] == report.oof_macro_f1_nested
+    assert np.mean([report.per_class_f1[c] for c in range(1, 9)]) == pytest.approx(report.oof_macro_f1_calibrated)
+    assert set(report.metrics()) >= {"oof_macro_f1_raw", "oof_macro_f1_calibrated", "oof_macro_f1_nested",
+                                     "oof_f1_level_8"}
+    assert len(report.trials_dataframe()) == 200

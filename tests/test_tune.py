@@ -1,0 +1,216 @@
+"""The tune stage against fake train parent runs and a fake prepare run in a temporary SQLite store."""
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+from pathlib import Path
+
+import mlflow
+import numpy as np
+import pandas as pd
+import pytest
+from mlflow import MlflowClient
+
+from psydef import tracking
+from psydef.calibrate import EnsembleSpec, macro_f1
+from psydef.search import load_study
+from psydef.tune import load_oof, pick_train_runs, run_tune
+
+N_ROWS, N_DIALOGUES = 240, 40
+PRIOR = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100
+REPO = Path(__file__).resolve().parents[1]
+FAST = dict(n_trials=40, sampler="random", inner_trials=16)
+
+
+@pytest.fixture(scope="module")
+def empty_db(tmp_path_factory):
+    """An MLflow SQLite store with its tables made once: creating them takes seconds, copying the file not."""
+    path = tmp_path_factory.mktemp("template") / "mlflow.db"
+    MlflowClient(f"sqlite:///{path}").search_experiments()
+    return path
+
+
+@pytest.fixture
+def store(tmp_path, monkeypatch, empty_db):
+    shutil.copy(empty_db, tmp_path / "mlflow.db")
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    monkeypatch.setenv("MLFLOW_EXPERIMENT_NAME", "tune-test")
+    monkeypatch.delenv("MLFLOW_EXPERIMENT_ID", raising=False)  # mlflow.set_experiment sets it; undone after the test
+    monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
+    MlflowClient(uri).create_experiment("tune-test", artifact_location=str(tmp_path / "artifacts"))
+    return Store(tmp_path, tracking.configure())
+
+
+class Store:
+    """Fake prepare and train runs, created with explicit start times."""
+
+    def __init__(self, tmp_path, experiment_id):
+        self.tmp_path, self.experiment_id = tmp_path, experiment_id
+        self.client = MlflowClient()
+        self.clock = 1_700_000_000_000
+        rng = np.random.default_rng(0)
+        self.ids = [f"rec_{i:04d}" for i in range(N_ROWS)]
+        self.dialogues = np.array([f"dlg_{i % N_DIALOGUES:03d}" for i in range(N_ROWS)])
+        self.y = rng.choice(9, size=N_ROWS, p=PRIOR)
+        self.rng = rng
+
+    def _run(self, tags, status="FINISHED", artifacts=None):
+        self.clock += 1000
+        run_id = self.client.create_run(self.experiment_id, start_time=self.clock, tags=tags).info.run_id
+        with tempfile.TemporaryDirectory() as tmp:
+            for path, content in (artifacts or {}).items():
+                local = Path(tmp) / path
+                local.parent.mkdir(parents=True, exist_ok=True)
+                if isinstance(content, np.ndarray):
+                    np.save(local, content)
+                else:
+                    local.write_text(content)
+            if artifacts:
+                self.client.log_artifacts(run_id, tmp)
+        if status != "RUNNING":
+            self.client.set_terminated(run_id, status, end_time=self.clock + 500)
+        return run_id
+
+    def prepare(self, digest="digest-a"):
+        real = pd.DataFrame({"id": self.ids, "dialogue_id": self.dialogues, "label": self.y,
+                             "fold": np.arange(N_ROWS) % 5, "source_id": self.ids, "is_augmented": False})
+        augmented = real.head(10).assign(id=[f"aug_{i}" for i in range(10)], is_augmented=True)
+        folds = pd.concat([real, augmented]).to_csv(index=False)
+        return self._run({tracking.STAGE: tracking.PREPARE, tracking.DATA_DIGEST: digest},
+                         artifacts={tracking.FOLDS_CSV: folds})
+
+    def train(self, prepare_run_id, seed, *, digest="digest-a", backbone="minilm", status="FINISHED",
+              ids=None, logits=True):
+        """A train parent whose OOF logits favour the true level, rows in a shuffled order."""
+        ids = list(self.ids if ids is None else ids)
+        order = self.rng.permutation(len(ids))
+        y = pd.Series(self.y, index=self.ids).reindex(ids).fillna(7).to_numpy(dtype=int)
+        member_logits = 1.5 * np.eye(9)[y] + np.log(PRIOR) + self.rng.normal(size=(len(ids), 9))
+        artifacts = {tracking.OOF_IDS: json.dumps([ids[i] for i in order]),
+                     tracking.OOF_LOGITS: member_logits[order].astype(np.float32)} if logits else {}
+        return self._run({tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
+                          tracking.DATA_DIGEST: digest, tracking.PREPARE_RUN_ID: prepare_run_id},
+                         status=status, artifacts=artifacts)
+
+    def tune_runs(self):
+        return self.client.search_runs([self.experiment_id], f"tags.`{tracking.STAGE}` = '{tracking.TUNE}'")
+
+
+def decoded_f1(tune_run_id):
+    """The calibrated OOF macro-F1 from ensemble.json alone (plus the members' logged OOF logits)."""
+    spec = EnsembleSpec.from_dict(tracking.load_json(tune_run_id, tracking.ENSEMBLE_JSON))
+    oof = load_oof(spec.run_ids)
+    return macro_f1(oof.y, spec.decode_logits(oof.logits))
+
+
+def test_auto_pick_takes_the_latest_finished_run_of_each_seed_sharing_digest_and_backbone(store, capsys):
+    prep = store.prepare()
+    store.train(prep, 1)  # superseded by the newer seed-1 run
+    seed_2 = store.train(prep, 2)
+    store.train(prep, 3, backbone="qwen3-8b-qlora")  # another backbone
+    store.train(prep, 4, digest="digest-b")  # other data
+    seed_1 = store.train(prep, 1)
+    store.train(prep, 5, status="FAILED")
+    store.train(prep, 6, status="RUNNING")
+    assert [r.info.run_id for r in pick_train_runs()] == [seed_1, seed_2]
+    assert f"{seed_1} (seed 1), {seed_2} (seed 2)" in capsys.readouterr().out
+
+    store.train(prep, 3, backbone="qwen3-8b-qlora")  # now the newest: its digest and backbone decide
+    assert [r.data.tags[tracking.SEED] for r in pick_train_runs()] == ["3"]
+
+
+def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibrated_f1(store, capsys):
+    prep = store.prepare()
+    members = [store.train(prep, 1), store.train(prep, 2)]
+    tune_id = run_tune(None, n_trials=48, sampler="tpe", gate=True, seed=0, storage=None, study_name=None,
+                       inner_trials=16)
+    run = mlflow.get_run(tune_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.tags[tracking.STAGE] == tracking.TUNE
+    assert run.data.tags[tracking.MEMBER_RUN_IDS] == ",".join(reversed(members))  # newest first
+    assert (run.data.tags[tracking.DATA_DIGEST], run.data.tags[tracking.BACKBONE]) == ("digest-a", "minilm")
+    assert run.data.params["n_trials"] == "48" and run.data.params["sampler"] == "tpe"
+    metrics = run.data.metrics
+    assert {"oof_macro_f1_raw", "oof_macro_f1_calibrated", "oof_macro_f1_nested", "oof_macro_f1_nested_fold_mean",
+            *(f"oof_f1_level_{c}" for c in range(9))} <= set(metrics)
+    assert metrics["oof_macro_f1_calibrated"] >= metrics["oof_macro_f1_raw"]
+    assert metrics["oof_macro_f1_calibrated"] == pytest.approx(np.mean([metrics[f"oof_f1_level_{c}"]
+                                                                         for c in range(1, 9)]))
+
+    raw = tracking.load_json(tune_id, tracking.ENSEMBLE_JSON)
+    assert [m["backbone"] for m in raw["members"]] == ["minilm", "minilm"]
+    assert raw["data_digest"] == "digest-a" and raw["tau7"] is not None
+    assert decoded_f1(tune_id) == metrics["oof_macro_f1_calibrated"]  # exactly
+
+    with tempfile.TemporaryDirectory() as tmp:
+        trials = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=tune_id, artifact_path=tracking.TRIALS_CSV,
+                                                                 dst_path=tmp))
+    assert len(trials) == 48 and trials["value"].max() == metrics["oof_macro_f1_calibrated"]
+    plots = {f.path for f in MlflowClient().list_artifacts(tune_id, "plots")}
+    assert plots == {tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT, tracking.CONFUSION_PLOT}
+
+    out = capsys.readouterr().out
+    assert f"tune run {tune_id}" in out and "raw" in out and "nested" in out
+
+
+def test_refuses_bad_members_with_a_clear_message_and_leaves_no_tune_run(store):
+    prep = store.prepare()
+    good = store.train(prep, 1)
+    bad = {
+        "have different OOF ids": store.train(prep, 2, ids=store.ids[:-5] + ["stray_1"]),
+        "trained on different data": store.train(prep, 2, digest="digest-b"),
+        "has no OOF logits": store.train(prep, 2, logits=False),
+        "does not exist": "0123456789abcdef0123456789abcdef",
+        "is FAILED, not FINISHED": store.train(prep, 2, status="FAILED"),
+        "is not a train run": prep,
+        "listed more than once": good,
+    }
+    for message, run_id in bad.items():
+        with pytest.raises(ValueError, match=message) as err:
+            run_tune([good, run_id], **FAST)
+        assert run_id in str(err.value)  # names the run at fault
+    assert store.tune_runs() == []
+
+
+def test_no_train_run_is_a_clear_error(store):
+    with pytest.raises(ValueError, match="no FINISHED train run in experiment 'tune-test'"):
+        run_tune(None, **FAST)
+
+
+@pytest.mark.parametrize("kind", ["sqlite", "journal"])
+def test_a_stored_study_is_resumed_up_to_n_trials(store, kind):
+    prep = store.prepare()
+    members = [store.train(prep, 1), store.train(prep, 2)]
+    storage = f"sqlite:///{store.tmp_path}/optuna.db" if kind == "sqlite" else str(store.tmp_path / "optuna.journal")
+    first = run_tune(members, storage=storage, study_name=None, seed=0, gate=True,
+                     **{**FAST, "sampler": "tpe", "n_trials": 16})
+    second = run_tune(members, storage=storage, study_name=None, seed=1, gate=True,
+                      **{**FAST, "sampler": "tpe", "n_trials": 40})
+    study = load_study(storage, mlflow.get_run(second).data.tags[tracking.STUDY_NAME])
+    assert len(study.trials) == 40
+    assert mlflow.get_run(second).data.metrics[tracking.CALIBRATED_F1] == study.best_value
+    assert study.best_value >= mlflow.get_run(first).data.metrics[tracking.CALIBRATED_F1]
+    assert decoded_f1(second) == study.best_value
+
+
+def test_two_tune_processes_share_one_study(store):
+    prep = store.prepare()
+    members = ",".join([store.train(prep, 1), store.train(prep, 2)])
+    storage = str(store.tmp_path / "optuna.journal")  # SQLite is tested above and costs ~70 ms a trial here
+    env = {**os.environ, "PYTHONPATH": str(REPO)}
+    procs = [subprocess.Popen([sys.executable, "-m", "entrypoints.tune", "--train-runs", members, "--n-trials", "64",
+                               "--sampler", "tpe", "--seed", str(seed), "--storage", storage, "--inner-trials", "8"],
+                              cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+             for seed in (1, 2)]
+    outputs = [p.communicate(timeout=120)[0] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+
+    runs = store.tune_runs()
+    assert len(runs) == 2 and {r.info.status for r in runs} == {"FINISHED"}
+    study = load_study(storage, runs[0].data.tags[tracking.STUDY_NAME])
+    assert len(study.trials) == 64 and all(t.state.name == "COMPLETE" for t in study.trials)
+    for run in runs:
+        assert decoded_f1(run.info.run_id) == run.data.metrics[tracking.CALIBRATED_F1]
