@@ -1,7 +1,12 @@
 """The `psydef` command: one subcommand per MLproject entry point."""
 import click
 
+from entrypoints.fetch_data import fetch_data
+from entrypoints.main import main
+from entrypoints.predict import predict
 from entrypoints.prepare import prepare
+from entrypoints.promote import promote
+from entrypoints.register import register
 from entrypoints.train import train
 from entrypoints.tune import tune
 
@@ -11,7 +16,7 @@ def cli():
     """psydef: MLflow-tracked PsyDefDetect experiments (prepare -> train -> tune -> register -> promote -> predict)."""
 
 
-for command in (prepare, train, tune):
+for command in (fetch_data, prepare, train, tune, register, promote, predict, main):
     cli.add_command(command)
 
 if __name__ == "__main__":

@@ -83,6 +83,15 @@ def stage_run(stage: str, run_name: str, tags: dict | None = None):
         yield run
 
 
+def log_new_params(params: dict) -> None:
+    """Log the params the active run does not hold yet. Under ``mlflow run`` the ``-P`` values are
+    already the run's params (as strings), and MLflow refuses to change a param's value."""
+    import mlflow
+
+    given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
+    mlflow.log_params({key: value for key, value in params.items() if key not in given})
+
+
 def log_json(obj, artifact_path: str) -> None:
     import mlflow
 

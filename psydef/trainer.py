@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import inspect
 import tempfile
+from contextlib import nullcontext
 from pathlib import Path
 
 import numpy as np
@@ -79,6 +80,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
     rows = _rows(prepared)
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
     model = backbone_class(backbone)(**hyper)
+    model.warm_up(pd.concat([rows, prepared.test]) if prepared.test is not None else rows)
     with mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k), PARENT_RUN_ID: parent_run_id,
                          tracking.SEED: str(seed), tracking.BACKBONE: backbone,
@@ -128,7 +130,9 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
     metrics = {"oof_macro_f1": scores["macro_f1"], "oof_macro_f1_all": scores["macro_f1_all"],
                "oof_accuracy": scores["accuracy"],
                **{name.replace("f1_level", "oof_f1_level"): v for name, v in scores.items() if name.startswith("f1_level")}}
-    with mlflow.start_run(run_id=parent_run_id, nested=mlflow.active_run() is not None):
+    active = mlflow.active_run()
+    reopen = active is None or active.info.run_id != parent_run_id  # a fold job aggregating another's parent
+    with mlflow.start_run(run_id=parent_run_id, nested=active is not None) if reopen else nullcontext():
         tracking.log_json(ids, tracking.OOF_IDS)
         tracking.log_npy(logits, tracking.OOF_LOGITS)
         if prepared.test is not None:
@@ -176,6 +180,8 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
         raise ValueError("resume and single-fold training need -P prepare_run_id (the folds the parent was trained on)")
     prepared = load_prepared(prepare_run_id, data_dir)
     check_no_leakage(prepared.folds, _group_by(prepare_run_id))
+    if fold is not None and not 0 <= fold < _n_splits(prepared):
+        raise ValueError(f"fold {fold} is out of range: the folds are 0..{_n_splits(prepared) - 1}")
     parent_id = parent_run_id or find_parent(seed, name, prepare_run_id)
     if parent_id is None:
         if resume:
@@ -188,8 +194,6 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
     _mark_stale_folds_failed(parent_id)
     todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in fold_runs(parent_id)]
     for k in todo:
-        if not 0 <= k < _n_splits(prepared):
-            raise ValueError(f"fold {k} is out of range: the folds are 0..{_n_splits(prepared) - 1}")
         train_fold(prepared, k, backbone=name, seed=seed, hyper=hyper, parent_run_id=parent_id)
     if len(fold_runs(parent_id)) == _n_splits(prepared):
         aggregate(parent_id, prepared)
@@ -204,7 +208,10 @@ def _resolve(backbone: str, hyper: dict, model: str | None) -> str:
     if model and "model" in inspect.signature(cls).parameters:
         hyper.setdefault("model", model)
     print(f"train: backbone {name} (asked: {backbone})")
-    cls(**hyper)  # unknown hyper-parameters fail here, before any training
+    try:
+        cls(**hyper)  # unknown hyper-parameters fail here, before any training
+    except TypeError as err:
+        raise ValueError(f"bad hyper-parameters {sorted(hyper)} for backbone {name}: {err}") from err
     return name
 
 

@@ -32,6 +32,10 @@ class Backbone(ABC):
     def predict_logits(self, rows: pd.DataFrame) -> np.ndarray:
         """float32 array of shape (len(rows), 9)."""
 
+    def warm_up(self, rows: pd.DataFrame) -> None:
+        """Precompute per-row work for every row this process will see (training, validation and
+        test rows), so that results do not depend on which folds run in the process. Optional."""
+
     @abstractmethod
     def config(self) -> dict:
         """JSON-serialisable hyper-parameters; ``cls(**config())`` rebuilds an untrained twin."""

@@ -51,7 +51,8 @@ class FrozenEncoder:
         return cls._shared
 
     def embed(self, texts: list[str], max_length: int) -> np.ndarray:
-        todo = sorted({t for t in texts if (t, max_length) not in self.cache}, key=len)
+        # Sorted by (length, text): batches depend only on the set of texts, not on hash seeds.
+        todo = sorted({t for t in texts if (t, max_length) not in self.cache}, key=lambda t: (len(t), t))
         with torch.inference_mode():
             for start in tqdm(range(0, len(todo), self.batch_size), desc=f"embed ({max_length} tokens)",
                               disable=len(todo) <= self.batch_size):
@@ -107,17 +108,26 @@ class MiniLMBackbone(Backbone):
             encoder.embed([_context(d, self.context_turns) for d in rows["dialogue"]], self.context_max_length),
         ]).astype(np.float32)
 
+    def warm_up(self, rows: pd.DataFrame) -> None:
+        """Embed every row up front: a batch's padding changes results in the last float bits, so the
+        same full set of rows in every process (resumed or a single fold) gives bit-identical logits."""
+        self._dense(rows)
+
     def _vectorizers(self) -> list[TfidfVectorizer]:
         return [v for v in (self.word, self.char) if v is not None]
 
-    def _features(self, rows: pd.DataFrame) -> torch.Tensor:
+    def _features(self, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
+        """(sparse TF-IDF block, dense embedding block): kept apart so the dense product runs in BLAS."""
         texts = list(rows["current_text"])
-        blocks = [v.transform(texts) for v in self._vectorizers()] + [sp.csr_matrix(self._dense(rows))]
-        coo = sp.hstack(blocks).tocoo()
-        return torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape).coalesce()
+        coo = sp.hstack([v.transform(texts) for v in self._vectorizers()]).tocoo()
+        sparse = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape)
+        return sparse.coalesce(), torch.from_numpy(self._dense(rows))
 
-    def _logits(self, x: torch.Tensor) -> torch.Tensor:
-        return torch.sparse.mm(x, self.head.weight.T) + self.head.bias
+    def _logits(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+        sparse, dense = x
+        n_sparse = sparse.shape[1]
+        weight = self.head.weight
+        return torch.sparse.mm(sparse, weight[:, :n_sparse].T) + dense @ weight[:, n_sparse:].T + self.head.bias
 
     # ------------------------------------------------------------------------------ training
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
@@ -130,8 +140,8 @@ class MiniLMBackbone(Backbone):
         x = self._features(train)
         x_valid = None if valid is None else self._features(valid)
         labels = train["label"].astype(int).to_numpy()
-        y = torch.as_tensor(labels)
-        self.head = torch.nn.Linear(x.shape[1], N_LEVELS)
+        y = torch.from_numpy(labels)
+        self.head = torch.nn.Linear(x[0].shape[1] + x[1].shape[1], N_LEVELS)
         loss_fn = class_weighted_loss(labels, self.label_smoothing)
         optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
         for epoch in range(1, self.epochs + 1):

@@ -1,0 +1,69 @@
+"""Utterances per second of a registered ``minilm`` ensemble on CPU, decoding test.json.
+
+    python bench/decode.py                                  # models:/psydef-ensemble@production
+    python bench/decode.py models:/psydef-ensemble/3 --data-dir ../shared/data/psydefconv
+
+Times loading the model, a first call on the built-in example (it loads the MiniLM encoder), then
+predicting every record of test.json in the chunks ``psydef predict`` uses. The example's texts are
+not in the test set, so the encoder's per-text cache holds none of it: every test utterance is
+encoded inside the timed pass. The tracking store is --tracking-uri, else MLflow's own default
+($MLFLOW_TRACKING_URI, else sqlite:///mlflow.db).
+"""
+from __future__ import annotations
+
+import argparse
+import os
+import time
+
+os.environ["CUDA_VISIBLE_DEVICES"] = ""  # CPU only, before torch is imported anywhere
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser.add_argument("model_uri", nargs="?", default=None, help="default: models:/psydef-ensemble@production")
+    parser.add_argument("--data-dir", default="../shared/data/psydefconv",
+                        help="folder with test.json, or a split file")
+    parser.add_argument("--tracking-uri", default=None, help="default: $MLFLOW_TRACKING_URI, else sqlite:///mlflow.db")
+    args = parser.parse_args()
+
+    import mlflow
+    import torch
+    from mlflow import MlflowClient
+
+    from psydef import tracking
+    from psydef.data import read_split
+    from psydef.ensemble import INPUT_COLUMNS, example_input
+    from psydef.predict import CHUNK_ROWS, split_path
+    from psydef.registry import resolve
+
+    if args.tracking_uri:
+        mlflow.set_tracking_uri(args.tracking_uri)
+    uri = resolve(args.model_uri or tracking.PRODUCTION_URI)
+    name, _, number = uri.removeprefix("models:/").partition("/")
+    if not uri.startswith("models:/") or not number.isdigit():
+        raise SystemExit(f"{uri} is not a registered model: give models:/NAME@ALIAS or models:/NAME/VERSION")
+    backbone = MlflowClient().get_model_version(name, number).tags.get(tracking.V_BACKBONE)
+    if backbone != "minilm":
+        raise SystemExit(f"{uri} is a {backbone} ensemble; this bench times minilm ensembles on CPU")
+    table = read_split(split_path(args.data_dir))
+    inputs = table.loc[:, list(INPUT_COLUMNS)]
+
+    t = time.perf_counter()
+    model = mlflow.pyfunc.load_model(uri)
+    load_s = time.perf_counter() - t
+    t = time.perf_counter()
+    model.predict(example_input())
+    first_s = time.perf_counter() - t
+
+    t = time.perf_counter()
+    for start in range(0, len(inputs), CHUNK_ROWS):
+        model.predict(inputs.iloc[start:start + CHUNK_ROWS])
+    decode_s = time.perf_counter() - t
+    print(f"model {uri} (backbone {backbone}), CPU, {torch.get_num_threads()} torch threads")
+    print(f"load: {load_s:.1f} s; first call (loads the encoder): {first_s:.1f} s")
+    print(f"decode: {len(inputs)} utterances in {decode_s:.1f} s = {len(inputs) / decode_s:.1f} utterances/s "
+          f"(chunks of {CHUNK_ROWS})")
+
+
+if __name__ == "__main__":
+    main()

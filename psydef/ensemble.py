@@ -1,0 +1,137 @@
+"""The calibrated ensemble as an MLflow pyfunc model, logged as code (models-from-code).
+
+This file is the model: :func:`log_ensemble_model` logs it with ``python_model=<this file>``, and
+MLflow runs it again wherever the model is loaded; its last line hands MLflow the model object.
+Nothing is pickled. The model carries:
+
+* ``model_config``: ``{"ensemble": EnsembleSpec.to_dict(), "adapters": [[artifact key, ...] per
+  member]}``; YAML (the MLmodel file) round-trips Python floats exactly, so the weights, ``delta``
+  and ``tau7`` are those tune wrote;
+* ``artifacts``: every member's fold adapter folders (``Backbone.save``), one key each;
+* ``code_paths``: the ``psydef`` package as it was when the model was logged.
+
+A member's prediction is the mean over its fold adapters of softmax(fold logits). The decision rule
+is calibrate's: :func:`psydef.calibrate.blend` gives the blended probabilities and
+:meth:`EnsembleSpec.decode_logits` the labels, both fed ``log(mean probs)`` per member
+(``softmax(log p) = p``).
+"""
+from __future__ import annotations
+
+import json
+from importlib.metadata import requires, version
+from pathlib import Path
+from typing import Sequence
+
+import mlflow
+import numpy as np
+import pandas as pd
+from mlflow.exceptions import MlflowException
+from mlflow.models import ModelSignature
+from mlflow.types.schema import AnyType, ColSpec, Schema
+from packaging.requirements import Requirement
+from packaging.version import Version
+
+from psydef import tracking
+from psydef.backbones import load_adapter
+from psydef.calibrate import EnsembleSpec, blend, softmax
+from psydef.data import DataError, records_to_table, validate_records
+from psydef.labels import N_LEVELS
+
+INPUT_COLUMNS = ("id", "dialogue", "current_text")
+PROB_COLUMNS = tuple(f"prob_{level}" for level in range(N_LEVELS))
+SIGNATURE = ModelSignature(
+    inputs=Schema([ColSpec("string", "id"), ColSpec(AnyType(), "dialogue"), ColSpec("string", "current_text")]),
+    outputs=Schema([ColSpec("string", "id"), ColSpec("long", "label"),
+                    *(ColSpec("double", column) for column in PROB_COLUMNS)]),
+)
+# A mean of softmaxes can underflow to exactly 0 for a level; its log must stay finite for calibrate.
+_TINY = np.finfo(np.float64).tiny
+
+
+def example_input() -> pd.DataFrame:
+    """One utterance in the model's input format: the input example of the logged model and the
+    smoke test of ``promote``."""
+    reply = "Honestly it's fine, exams never mattered anyway."
+    dialogue = [{"speaker": "seeker", "text": "I failed my driving exam again."},
+                {"speaker": "supporter", "text": "I'm sorry. How are you feeling about it?"},
+                {"speaker": "seeker", "text": reply}]
+    return pd.DataFrame({"id": ["example_0"], "dialogue": [dialogue], "current_text": [reply]})
+
+
+def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
+    """The model's input as a validated data table; ``dialogue`` may be a list of turns or its JSON
+    string. Raises ``DataError`` naming the row id and the field at fault. (A missing column never
+    gets here: MLflow's signature enforcement refuses it first, naming the column.)"""
+    records = []
+    for i, (rid, dialogue, current_text) in enumerate(model_input.loc[:, list(INPUT_COLUMNS)].itertuples(index=False)):
+        if isinstance(dialogue, str):
+            try:
+                dialogue = json.loads(dialogue)
+            except json.JSONDecodeError as err:
+                raise DataError(f"model input: record {i} (id {rid!r}): field 'dialogue' is a string but not JSON "
+                                f"({err}); send the list of turns or its JSON encoding") from err
+        # The model never reads dialogue_id; each row stands for itself.
+        records.append({"id": rid, "dialogue_id": rid, "dialogue": dialogue, "current_text": current_text})
+    validate_records(records, source="model input", labelled=False)
+    return records_to_table(records, labelled=False)
+
+
+def member_probs(fold_adapters: Sequence, rows: pd.DataFrame) -> np.ndarray:
+    """A member's (n, 9) probabilities: the mean over its fold adapters of softmax(logits)."""
+    return np.mean([softmax(adapter.predict_logits(rows)) for adapter in fold_adapters], axis=0)
+
+
+class EnsembleModel(mlflow.pyfunc.PythonModel):
+    """Rows ``id, dialogue, current_text`` -> ``id, label, prob_0..prob_8`` (calibrated blend)."""
+
+    def load_context(self, context):
+        config = context.model_config
+        self.spec = EnsembleSpec.from_dict(config["ensemble"])
+        self.members = [[load_adapter(context.artifacts[key]) for key in keys] for keys in config["adapters"]]
+
+    def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
+        try:
+            rows = input_table(model_input)
+        except DataError as err:  # an MlflowException is what the scoring server answers with a 400
+            raise MlflowException.invalid_parameter_value(str(err)) from err
+        logits = [np.log(np.maximum(member_probs(folds, rows), _TINY)) for folds in self.members]
+        out = pd.DataFrame(blend(logits, self.spec.weights), columns=list(PROB_COLUMNS))
+        out.insert(0, "label", self.spec.decode_logits(logits))
+        out.insert(0, "id", rows["id"].to_numpy())
+        return out
+
+
+def _pip_requirements() -> list[str]:
+    """psydef's own runtime dependencies, pinned to the installed versions (without local labels such
+    as ``+cpu``, which PyPI does not serve). Given explicitly, so MLflow does not load the model in a
+    subprocess to infer them; psydef itself travels in ``code_paths``."""
+    reqs = [Requirement(line) for line in requires("psydef")]
+    # A marker means an extra (dev, postgres): not needed to serve.
+    return [f"{req.name}=={Version(version(req.name)).public}" for req in reqs if req.marker is None]
+
+
+def log_ensemble_model(spec: EnsembleSpec, member_adapter_dirs: Sequence[Sequence[str | Path]], *,
+                       name: str = tracking.MODEL_ARTIFACT):
+    """Log the ensemble in the active run; returns MLflow's ``ModelInfo``.
+
+    ``member_adapter_dirs[i]`` are the fold adapter folders of ``spec.members[i]``. MLflow loads the
+    logged model once and predicts on the input example; it only warns if that fails, so ``promote``
+    checks the model again before it serves."""
+    if len(member_adapter_dirs) != len(spec.members):
+        raise ValueError(f"{len(member_adapter_dirs)} lists of adapter folders for {len(spec.members)} members "
+                         f"({spec.run_ids}); give one list per member, in the spec's order")
+    artifacts, adapters = {}, []
+    for i, dirs in enumerate(member_adapter_dirs):
+        if not dirs:
+            raise ValueError(f"member {i} (run {spec.run_ids[i]}) has no fold adapter folders")
+        keys = [f"member_{i}_fold_{k}" for k in range(len(dirs))]
+        artifacts.update(zip(keys, map(str, dirs)))
+        adapters.append(keys)
+    return mlflow.pyfunc.log_model(
+        name=name, python_model=__file__, artifacts=artifacts,
+        model_config={"ensemble": spec.to_dict(), "adapters": adapters},
+        code_paths=[str(Path(__file__).parent)], pip_requirements=_pip_requirements(),
+        signature=SIGNATURE, input_example=example_input())
+
+
+mlflow.models.set_model(EnsembleModel())

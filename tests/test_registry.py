@@ -1,0 +1,352 @@
+"""register -> promote -> load by alias -> predict / serve, on a tiny ensemble of MiniLM members built
+here by the train contract (a train parent per seed, FINISHED fold runs with ``adapter/``), in a
+temporary SQLite tracking store."""
+import json
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.error
+import urllib.request
+import zipfile
+from pathlib import Path
+from types import SimpleNamespace
+
+import mlflow
+import numpy as np
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.exceptions import MlflowException
+
+from psydef import registry, tracking
+from psydef.backbones import load_adapter
+from psydef.calibrate import EnsembleSpec, blend, softmax
+from psydef.ensemble import PROB_COLUMNS
+
+N_FOLDS = 2
+NAME = tracking.MODEL_NAME
+
+
+def _rows(make_dialogue_rows, n, *, labelled=True):
+    rows = make_dialogue_rows(n, labelled=labelled)
+    return rows.assign(id=[f"row_{i:03d}" for i in range(n)])
+
+
+def _fit_adapter(rows, seed: int, dst: Path) -> Path:
+    from psydef.backbones.minilm import MiniLMBackbone
+
+    return MiniLMBackbone(epochs=1, steps_per_epoch=3, char_ngrams=False).fit(rows, seed=seed).save(dst)
+
+
+def _train_run(prepare_id: str, seed: int, rows, tmp: Path, *, adapter_folds=range(N_FOLDS)) -> str:
+    """A train parent with N_FOLDS complete fold runs; folds outside ``adapter_folds`` log no adapter."""
+    fold = np.arange(len(rows)) % N_FOLDS
+    with mlflow.start_run(run_name=f"train seed={seed}") as parent:
+        mlflow.set_tags({tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: "minilm",
+                         tracking.DATA_DIGEST: "digest0", tracking.PREPARE_RUN_ID: prepare_id})
+        for k in range(N_FOLDS):
+            with mlflow.start_run(run_name=f"fold {k}", nested=True):
+                mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k)})
+                if k in adapter_folds:
+                    adapter = _fit_adapter(rows[fold != k], seed + k, tmp / f"seed{seed}_fold{k}")
+                    mlflow.log_artifacts(str(adapter), tracking.ADAPTER_DIR)
+                mlflow.set_tag(tracking.FOLD_STATUS, "finished")
+    return parent.info.run_id
+
+
+def _spec(members: list[str]) -> EnsembleSpec:
+    return EnsembleSpec(members=[{"run_id": r, "weight": 1 / len(members)} for r in members],
+                        delta=[0.3, -0.2, 0.1, 0.0, 0.25, -0.1, 0.05, 0.0, -0.3], tau7=0.2)
+
+
+def _tune_run(spec: EnsembleSpec | None, *, nested: float) -> str:
+    """A tune run with its metrics and, unless ``spec`` is None, its ensemble.json."""
+    with mlflow.start_run(run_name="tune") as run:
+        mlflow.set_tag(tracking.STAGE, tracking.TUNE)
+        mlflow.log_metrics({tracking.NESTED_F1: nested, tracking.CALIBRATED_F1: nested + 0.1})
+        if spec is not None:
+            tracking.log_json(spec.to_dict(), tracking.ENSEMBLE_JSON)
+    return run.info.run_id
+
+
+@pytest.fixture(scope="module")
+def store(tmp_path_factory, make_dialogue_rows):
+    """A tracking store with a prepare run, two complete members, one member missing a fold adapter,
+    and tune runs: ``good`` (nested F1 0.40), ``worse`` (0.30), ``no_spec``, ``broken_member``,
+    ``ghost_member`` (a member run that does not exist)."""
+    tmp = tmp_path_factory.mktemp("registry")
+    uri = f"sqlite:///{tmp}/mlflow.db"
+    before = mlflow.get_tracking_uri()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
+        # mlflow.set_experiment sets MLFLOW_EXPERIMENT_ID: undone with the rest when the module ends
+        for variable in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
+            mp.delenv(variable, raising=False)
+        mlflow.set_tracking_uri(uri)
+        mlflow.create_experiment("registry-test", artifact_location=(tmp / "artifacts").as_uri())
+        mlflow.set_experiment("registry-test")
+        rows = _rows(make_dialogue_rows, 36)
+        with mlflow.start_run(run_name="prepare") as prepare:
+            mlflow.set_tag(tracking.STAGE, tracking.PREPARE)
+            mlflow.log_param("n_splits", N_FOLDS)
+        members = [_train_run(prepare.info.run_id, seed, rows, tmp) for seed in (1, 2)]
+        broken = _train_run(prepare.info.run_id, 3, rows, tmp, adapter_folds=[0])
+        tunes = SimpleNamespace(good=_tune_run(_spec(members), nested=0.4),
+                                worse=_tune_run(_spec(members), nested=0.3),
+                                no_spec=_tune_run(None, nested=0.5),
+                                broken_member=_tune_run(_spec([members[0], broken]), nested=0.5),
+                                ghost_member=_tune_run(_spec([members[0], "0" * 32]), nested=0.5))
+        yield SimpleNamespace(uri=uri, members=members, tune=tunes)
+    mlflow.set_tracking_uri(before)
+
+
+@pytest.fixture(scope="module")
+def champion(store):
+    """Version registered from the ``good`` tune run and promoted to production."""
+    version = registry.register(store.tune.good)
+    registry.promote(version.version)
+    return version
+
+
+def _production() -> str:
+    return MlflowClient().get_model_version_by_alias(NAME, tracking.PRODUCTION).version
+
+
+def _direct_decode(tune_run_id: str, rows):
+    """Labels and probabilities decoded straight from ensemble.json and each member's fold adapters."""
+    spec = EnsembleSpec.from_dict(tracking.load_json(tune_run_id, tracking.ENSEMBLE_JSON))
+    client = MlflowClient()
+    logits = []
+    for run_id in spec.run_ids:
+        folds = client.search_runs([client.get_run(run_id).info.experiment_id],
+                                   f"tags.`mlflow.parentRunId` = '{run_id}'")
+        adapters = [load_adapter(mlflow.artifacts.download_artifacts(run_id=f.info.run_id,
+                                                                      artifact_path=tracking.ADAPTER_DIR))
+                    for f in folds]
+        logits.append(np.log(np.mean([softmax(a.predict_logits(rows)) for a in adapters], axis=0)))
+    return spec.decode_logits(logits), blend(logits, spec.weights)
+
+
+def test_register_tags_lineage_and_metrics(store, champion):
+    tags = champion.tags
+    assert tags[tracking.V_TUNE_RUN_ID] == store.tune.good
+    assert tags[tracking.V_TRAIN_RUN_IDS] == ",".join(store.members)
+    assert tags[tracking.V_DATA_DIGEST] == "digest0"
+    assert tags[tracking.V_BACKBONE] == "minilm"
+    assert float(tags[tracking.NESTED_F1]) == 0.4 and float(tags[tracking.CALIBRATED_F1]) == pytest.approx(0.5)
+    run = mlflow.get_run(champion.run_id)
+    assert run.data.tags[tracking.STAGE] == tracking.REGISTER
+
+
+def test_production_alias_predicts_like_direct_decoding(store, champion, make_dialogue_rows):
+    assert _production() == champion.version
+    rows = _rows(make_dialogue_rows, 20, labelled=False)
+    out = mlflow.pyfunc.load_model(tracking.PRODUCTION_URI).predict(rows[["id", "dialogue", "current_text"]])
+    labels, probs = _direct_decode(store.tune.good, rows)
+    assert list(out.columns) == ["id", "label", *PROB_COLUMNS]
+    assert list(out["id"]) == list(rows["id"])
+    np.testing.assert_array_equal(out["label"].to_numpy(), labels)
+    np.testing.assert_allclose(out[list(PROB_COLUMNS)].to_numpy(), probs, rtol=0, atol=1e-12)
+    # the dialogue may also come as its JSON string
+    as_json = rows.assign(dialogue=[json.dumps(d) for d in rows["dialogue"]])[["id", "dialogue", "current_text"]]
+    np.testing.assert_array_equal(
+        mlflow.pyfunc.load_model(tracking.PRODUCTION_URI).predict(as_json)["label"].to_numpy(), labels)
+
+
+def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
+    client = MlflowClient()
+    worse = registry.register(store.tune.worse)
+    with pytest.raises(ValueError, match=r"oof_macro_f1_nested 0\.3, below 0\.4 of production version"):
+        registry.promote(worse.version)
+    assert _production() == champion.version
+    registry.promote(worse.version, force=True)
+    assert _production() == worse.version
+    assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
+    registry.promote()  # the newest, already production: nothing moves
+    assert _production() == worse.version
+    assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
+    # the better one wins back production (newest is ``worse``: name the version), with the legacy stage
+    promoted = registry.promote(champion.version, legacy_stage=True)
+    assert _production() == champion.version and promoted.current_stage == tracking.LEGACY_STAGE
+    assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == worse.version
+
+
+def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_params(champion, monkeypatch):
+    """Under `mlflow run` the entry point's run exists already (MLFLOW_RUN_ID), its -P values logged."""
+    with mlflow.start_run() as run:
+        mlflow.log_params({"version": champion.version, "name": NAME, "force": "false", "legacy_stage": "false"})
+    monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
+    registry.promote(champion.version)
+    after = mlflow.get_run(run.info.run_id)
+    assert after.data.tags[tracking.STAGE] == tracking.PROMOTE
+    assert after.data.params["force"] == "false" and after.data.params["promoted_version"] == str(champion.version)
+
+
+def test_failures_leave_production_alone(store, champion, monkeypatch):
+    production = _production()
+    failures = {
+        "no alias": (lambda: registry.resolve(f"models:/{NAME}@staging"), "has no alias 'staging'"),
+        "no model": (lambda: registry.resolve("models:/no-such-model@production"), "no registered model"),
+        "no version": (lambda: registry.promote(999), "has no version 999"),
+        "not a tune run": (lambda: registry.register(store.members[0]), "is not a tune run"),
+        "no ensemble.json": (lambda: registry.register(store.tune.no_spec), "has no ensemble.json"),
+        "no adapter": (lambda: registry.register(store.tune.broken_member), r"fold 1 of train run .* has no adapter/"),
+        "no member run": (lambda: registry.register(store.tune.ghost_member), f"{'0' * 32}' does not exist"),
+    }
+    for what, (call, message) in failures.items():
+        with pytest.raises(ValueError, match=message):
+            call()
+        assert _production() == production, what
+    versions = MlflowClient().search_model_versions(f"name = '{NAME}'")
+
+    def broken_adapter(path):
+        raise OSError(f"cannot read {path}")
+
+    # a version that cannot load is not promoted, even with force: the model file imports the patched name
+    monkeypatch.setattr("psydef.backbones.load_adapter", broken_adapter)
+    newest = max(int(v.version) for v in versions)
+    with pytest.raises(ValueError, match="failed to load or to predict"):
+        registry.promote(newest, force=True)
+    assert _production() == production
+    assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == len(versions)
+
+
+@pytest.mark.parametrize("change, message", [
+    (lambda r: r.drop(columns="current_text"), r"missing inputs \['current_text'\]"),
+    (lambda r: r.assign(dialogue=[[]] * len(r)), r"id 'row_000'.*'dialogue' must be a non-empty list"),
+    (lambda r: r.assign(dialogue=[[{"speaker": "therapist", "text": t}] for t in r["current_text"]]),
+     r"id 'row_000'.*speaker 'therapist'"),
+    (lambda r: r.assign(current_text="something else"), r"id 'row_000'.*differs from 'current_text'"),
+    (lambda r: r.assign(dialogue="[not json"), r"id 'row_000'.*'dialogue' is a string but not JSON"),
+])
+def test_bad_rows_get_clear_errors(champion, make_dialogue_rows, change, message):
+    model = mlflow.pyfunc.load_model(f"models:/{NAME}/{champion.version}")
+    rows = _rows(make_dialogue_rows, 3, labelled=False)[["id", "dialogue", "current_text"]]
+    with pytest.raises(MlflowException, match=message):
+        model.predict(change(rows))
+
+
+def test_predict_writes_the_codabench_files(store, champion, make_dialogue_rows, tmp_path):
+    from entrypoints.predict import predict
+
+    rows = _rows(make_dialogue_rows, 18)
+    data_dir = tmp_path / "data"
+    data_dir.mkdir()
+    records = rows[["id", "dialogue_id", "dialogue", "current_text", "label"]].to_dict(orient="records")
+    (data_dir / "test.json").write_text(json.dumps(records))
+    result = CliRunner().invoke(predict, ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
+                                          "--tracking-uri", store.uri, "--experiment-name", "registry-test"])
+    assert result.exit_code == 0, result.output
+    written = json.loads((tmp_path / "out" / tracking.PREDICTION_JSON).read_text())
+    labels, _ = _direct_decode(store.tune.good, rows)
+    assert written == [{"id": i, "label": int(y)} for i, y in zip(rows["id"], labels)]
+    with zipfile.ZipFile(tmp_path / "out" / tracking.PREDICTION_ZIP) as archive:
+        assert archive.namelist() == [tracking.PREDICTION_JSON]
+        assert json.loads(archive.read(tracking.PREDICTION_JSON)) == written
+
+    run = mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = '{tracking.PREDICT}'",
+                             order_by=["attributes.start_time DESC"], output_format="list")[0]
+    assert run.data.params["loaded_model_uri"] == f"models:/{NAME}/{_production()}"
+    assert "macro_f1" in run.data.metrics
+    logged = {a.path for a in MlflowClient().list_artifacts(run.info.run_id)}
+    assert {tracking.PREDICTION_JSON, tracking.PREDICTION_ZIP, tracking.PREDICT_IDS, tracking.PREDICT_PROBS,
+            "plots"} <= logged
+    np.testing.assert_allclose(tracking.load_npy(run.info.run_id, tracking.PREDICT_PROBS).sum(axis=1), 1, atol=1e-5)
+
+
+def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_probabilities(store, data_dir, tmp_path):
+    """The real prepare -> train (minilm) -> tune -> register -> promote -> predict, under its own
+    model name: the served member probabilities are the train run's fold-averaged test/probs.npy."""
+    from psydef.predict import run_predict
+    from psydef.prepare import run_prepare
+    from psydef.trainer import run_train
+    from psydef.tune import run_tune
+
+    prepared = run_prepare(data_dir, seed=5)
+    train_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
+                         hyper={"epochs": 1, "steps_per_epoch": 3})
+    tune_id = run_tune([train_id], n_trials=20, sampler="random", inner_trials=8)
+    registry.promote(registry.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
+    result = run_predict(data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path)
+
+    assert list(result.predictions["id"]) == tracking.load_json(train_id, tracking.TEST_IDS)
+    probs = tracking.load_npy(train_id, tracking.TEST_PROBS)  # float32
+    np.testing.assert_allclose(result.predictions[list(PROB_COLUMNS)].to_numpy(), probs, atol=1e-6)
+    spec = EnsembleSpec.from_dict(tracking.load_json(tune_id, tracking.ENSEMBLE_JSON))
+    np.testing.assert_array_equal(result.predictions["label"], spec.decode_logits([np.log(probs)]))
+    assert json.loads(result.prediction_json.read_text()) == [
+        {"id": i, "label": int(y)} for i, y in zip(result.predictions["id"], result.predictions["label"])]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def _post(url: str, payload: dict) -> tuple[int, dict]:
+    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
+    try:
+        with urllib.request.urlopen(request, timeout=60) as response:
+            return response.status, json.loads(response.read())
+    except urllib.error.HTTPError as err:
+        return err.code, json.loads(err.read())
+
+
+def test_serving_answers_a_request(store, champion, make_dialogue_rows, tmp_path):
+    port = _free_port()
+    bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
+    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
+               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    log = tmp_path / "serve.log"
+    try:
+        server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                                  env=env)
+    except OSError as err:
+        pytest.skip(f"the MLflow server binary cannot start: {err}")
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()}"
+            assert time.monotonic() < deadline, f"no answer on /ping after 120 s:\n{log.read_text()}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        rows = _rows(make_dialogue_rows, 5, labelled=False)[["id", "dialogue", "current_text"]]
+        status, answer = _post(f"http://127.0.0.1:{port}/invocations",
+                               {"dataframe_split": rows.to_dict(orient="split", index=False)})
+        assert status == 200, answer
+        expected = mlflow.pyfunc.load_model(tracking.PRODUCTION_URI).predict(rows)
+        assert [p["id"] for p in answer["predictions"]] == list(rows["id"])
+        assert [p["label"] for p in answer["predictions"]] == expected["label"].tolist()
+        # another process batches the encoder's inputs differently: float32 noise, not another model
+        np.testing.assert_allclose([[p[c] for c in PROB_COLUMNS] for p in answer["predictions"]],
+                                   expected[list(PROB_COLUMNS)].to_numpy(), atol=1e-5)
+        bad = rows.assign(current_text="not the last turn")
+        status, answer = _post(f"http://127.0.0.1:{port}/invocations",
+                               {"dataframe_split": bad.to_dict(orient="split", index=False)})
+        assert status == 400 and "id 'row_000'" in answer["message"], answer
+    finally:
+        _stop(server)
+
+
+def _stop(server: subprocess.Popen) -> None:
+    """SIGTERM, then SIGKILL after 20 s, to the server's process group (it and its uvicorn worker)."""
+    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+        try:
+            os.killpg(server.pid, sig)
+        except ProcessLookupError:  # the whole group is gone already
+            return
+        try:
+            server.wait(timeout=wait)
+            return
+        except subprocess.TimeoutExpired:
+            continue

@@ -1,0 +1,109 @@
+import mlflow
+import numpy as np
+import pytest
+
+from psydef import tracking
+from psydef.backbones import load_adapter
+from psydef.calibrate import softmax
+from psydef.metrics import evaluate
+from psydef.prepare import run_prepare
+from psydef.trainer import fold_runs, run_train
+
+FAST = {"epochs": 2, "steps_per_epoch": 5}  # the minilm head, a few full-batch steps
+
+
+def _oof(run_id):
+    return tracking.load_json(run_id, tracking.OOF_IDS), tracking.load_npy(run_id, tracking.OOF_LOGITS)
+
+
+def _artifacts(run_id, path=None):
+    return {a.path for a in mlflow.MlflowClient().list_artifacts(run_id, path)}
+
+
+@pytest.fixture
+def prepared(data_dir, tracking_uri):
+    return run_prepare(data_dir, seed=5)
+
+
+def test_train_logs_fold_runs_and_parent_oof(data_dir, prepared, tmp_path):
+    parent_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+    parent = mlflow.get_run(parent_id)
+    assert parent.info.status == "FINISHED" and parent.info.run_name == "train seed=5 minilm"
+    tags = parent.data.tags
+    assert (tags[tracking.STAGE], tags[tracking.SEED], tags[tracking.BACKBONE]) == ("train", "5", "minilm")
+    assert tags[tracking.DATA_DIGEST] == prepared.digest and tags[tracking.PREPARE_RUN_ID] == prepared.run_id
+
+    folds = fold_runs(parent_id)
+    assert sorted(folds) == [0, 1, 2, 3, 4]
+    real_ids = set(prepared.train["id"])
+    for k, run in folds.items():
+        assert {tracking.OOF_IDS, tracking.OOF_LOGITS} <= _artifacts(run.info.run_id, "oof")
+        assert {tracking.TEST_IDS, tracking.TEST_LOGITS} <= _artifacts(run.info.run_id, "test")
+        ids, logits = _oof(run.info.run_id)
+        assert logits.dtype == np.float32 and logits.shape == (len(ids), 9)
+        assert set(ids) <= real_ids  # real records only, never augmented variants
+        assert set(ids) == set(prepared.folds.query("fold == @k and not is_augmented")["id"])
+        history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
+        assert [m.step for m in history] == [1, 2]
+        assert "val_macro_f1" in run.data.metrics and run.data.params["epochs"] == "2"
+        # the adapter is loadable on its own and gives the logged logits
+        local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
+                                                    dst_path=str(tmp_path / f"adapter{k}"))
+        rows = prepared.train.set_index("id").loc[ids].reset_index()
+        np.testing.assert_array_equal(load_adapter(local).predict_logits(rows), logits)
+
+    ids, logits = _oof(parent_id)
+    assert sorted(ids) == sorted(real_ids) and len(ids) == len(real_ids)  # each real record once
+    y = prepared.train.set_index("id").loc[ids, "label"].to_numpy()
+    scores = evaluate(y, logits.argmax(1))
+    metrics = parent.data.metrics
+    assert metrics["oof_macro_f1"] == pytest.approx(scores["macro_f1"], abs=1e-12)
+    assert metrics["oof_macro_f1_all"] == pytest.approx(scores["macro_f1_all"], abs=1e-12)
+    assert metrics["oof_accuracy"] == pytest.approx(scores["accuracy"], abs=1e-12)
+    assert all(f"oof_f1_level_{c}" in metrics for c in range(9))
+    assert _artifacts(parent_id, "plots") == {"plots/confusion_matrix.png", "plots/per_class_f1.png"}
+    test_probs = tracking.load_npy(parent_id, tracking.TEST_PROBS)
+    expected = np.mean([softmax(tracking.load_npy(r.info.run_id, tracking.TEST_LOGITS)) for r in folds.values()], axis=0)
+    np.testing.assert_allclose(test_probs, expected, rtol=1e-6)
+    assert tracking.load_json(parent_id, tracking.TEST_IDS) == list(prepared.test["id"])
+
+
+def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(data_dir, prepared):
+    reference = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+    # An interrupted run: folds 0 and 1 done, fold 2 killed mid-way (left RUNNING, no finished tag).
+    partial = None
+    for k in (0, 1):
+        partial = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", fold=k,
+                            parent_run_id=partial, hyper=FAST)
+    done_before = {k: r.info.run_id for k, r in fold_runs(partial).items()}
+    assert sorted(done_before) == [0, 1] and mlflow.get_run(partial).info.status == "RUNNING"
+    killed = mlflow.MlflowClient().create_run(mlflow.get_run(partial).info.experiment_id, tags={
+        "mlflow.parentRunId": partial, tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: "2"})
+
+    resumed = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", resume=True, hyper=FAST)
+    assert resumed == partial
+    assert mlflow.get_run(killed.info.run_id).info.status == "FAILED"
+    after = {k: r.info.run_id for k, r in fold_runs(partial).items()}
+    assert sorted(after) == [0, 1, 2, 3, 4] and all(after[k] == done_before[k] for k in (0, 1))
+    assert mlflow.get_run(partial).info.status == "FINISHED"
+
+    again = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+    ids_a, logits_a = _oof(reference)
+    ids_b, logits_b = _oof(again)
+    assert ids_a == ids_b and np.array_equal(logits_a, logits_b)  # bit-identical for one seed
+    ids_c, logits_c = _oof(resumed)
+    assert not np.array_equal(logits_a, logits_c)  # another seed: another model
+
+
+def test_bad_input_fails_cleanly(data_dir, prepared):
+    with pytest.raises(ValueError, match="unknown backbone 'bert'"):
+        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="bert")
+    failed = mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = 'train'", output_format="list")
+    assert [r.info.status for r in failed] == ["FAILED"]
+    assert not _artifacts(failed[0].info.run_id)  # nothing half-written for later steps
+    with pytest.raises(ValueError, match="prepare run 'missing' does not exist"):
+        run_train(data_dir, seed=5, prepare_run_id="missing", backbone="minilm", hyper=FAST)
+    with pytest.raises(ValueError, match="fold 9 is out of range"):
+        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", fold=9, hyper=FAST)
+    with pytest.raises(ValueError, match="bad hyper-parameters"):
+        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper={"nope": 1})
