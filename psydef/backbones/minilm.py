@@ -87,7 +87,7 @@ class MiniLMBackbone(Backbone):
     epochs: int = 10
     steps_per_epoch: int = 20
     learning_rate: float = 0.05
-    weight_decay: float = 0.01
+    weight_decay: float = 0.1
     label_smoothing: float = 0.05
 
     name = "minilm"
