@@ -25,7 +25,7 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
     if not seeds:
         raise ValueError("give at least one seed")
     with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
-        mlflow.log_params({"data_dir": str(data_dir), "seeds": ",".join(map(str, seeds)), "backbone": backbone,
+        tracking.log_new_params({"data_dir": str(data_dir), "seeds": ",".join(map(str, seeds)), "backbone": backbone,
                            "n_trials": n_trials, "sampler": sampler, "gate": gate, "model_name": model_name})
         prepared = run_prepare(data_dir, seed=seeds[0])
         train_runs = [run_train(data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone=backbone,

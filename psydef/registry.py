@@ -151,9 +151,17 @@ def _version(name: str, version: str | int | None):
 def resolve(model_uri: str) -> str:
     """``models:/name@alias`` or ``models:/name/version`` -> ``models:/name/version``, the version it
     points to now, so a run can record exactly what it loaded; a clear ``ValueError`` if the model,
-    alias or version does not exist. Other URIs (``runs:/...``, paths) are returned as they are."""
+    alias or version does not exist. Other URIs (``runs:/...``, paths) are returned as they are, once
+    they are seen to hold a model (an MLmodel file)."""
     match = _REGISTRY_URI.match(model_uri)
     if not match:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.models.get_model_info(model_uri)
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
         return model_uri
     name, alias = match["name"], match["alias"]
     if alias is None:

@@ -45,12 +45,15 @@ def fold_runs(parent_run_id: str) -> dict[int, object]:
     return complete
 
 
-def _mark_stale_folds_failed(parent_run_id: str) -> None:
-    """Fold runs left RUNNING by a killed process are marked FAILED before a resume."""
+def _mark_stale_folds_failed(parent_run_id: str, fold: int | None = None) -> None:
+    """Fold runs left RUNNING by a killed process are marked FAILED before a resume (all of them), or
+    before fold ``fold`` is trained again (only that fold's: other folds may be training right now in
+    parallel jobs)."""
     client = _client()
+    only_fold = "" if fold is None else f" and tags.`{tracking.FOLD}` = '{fold}'"
     for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
                                   filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' "
-                                                "and attributes.status = 'RUNNING'"):
+                                                "and attributes.status = 'RUNNING'" + only_fold):
         client.set_terminated(run.info.run_id, "FAILED")
 
 
@@ -85,7 +88,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
         mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k), PARENT_RUN_ID: parent_run_id,
                          tracking.SEED: str(seed), tracking.BACKBONE: backbone,
                          tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id})
-        mlflow.log_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
+        tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
                            "n_valid_rows": len(valid_rows)})
         y_valid = valid_rows["label"].to_numpy()
 
@@ -191,7 +194,7 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
         parent_id = _client().create_run(_client().get_run(prepare_run_id).info.experiment_id,
                                          run_name=f"train seed={seed} {name}").info.run_id
     _tag_parent(parent_id, prepared, seed, name, hyper)
-    _mark_stale_folds_failed(parent_id)
+    _mark_stale_folds_failed(parent_id, fold)
     todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in fold_runs(parent_id)]
     for k in todo:
         train_fold(prepared, k, backbone=name, seed=seed, hyper=hyper, parent_run_id=parent_id)

@@ -165,9 +165,8 @@ def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampl
     params = {"train_runs": ",".join(train_runs or []), "n_trials": n_trials, "sampler": sampler, "gate": gate,
               "seed": seed, "storage": storage or "", "study_name": study_name or "", "inner_trials": inner_trials}
     with tracking.stage_run(tracking.TUNE, f"tune {sampler} n_trials={n_trials}", tags) as run:
-        given = mlflow.get_run(run.info.run_id).data.params  # under `mlflow run`: its -P values
-        mlflow.log_params({k: v for k, v in params.items() if k not in given}
-                          | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids), "n_dialogues": n_dialogues})
+        tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
+                                          "n_dialogues": n_dialogues})
         print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
               f"{storage or 'in-memory'}), then the nested estimate: the search rerun with {inner_trials} trials "
               "in each of 5 dialogue-grouped outer folds")
