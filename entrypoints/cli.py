@@ -1,6 +1,7 @@
 """The `psydef` command: one subcommand per MLproject entry point."""
 import click
 
+from entrypoints.aggregate import aggregate
 from entrypoints.fetch_data import fetch_data
 from entrypoints.main import main
 from entrypoints.predict import predict
@@ -16,7 +17,7 @@ def cli():
     """psydef: MLflow-tracked PsyDefDetect experiments (prepare -> train -> tune -> register -> promote -> predict)."""
 
 
-for command in (fetch_data, prepare, train, tune, register, promote, predict, main):
+for command in (fetch_data, prepare, train, aggregate, tune, register, promote, predict, main):
     cli.add_command(command)
 
 if __name__ == "__main__":

@@ -191,8 +191,9 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
             raise ValueError(f"nothing to resume: no train run for seed {seed}, backbone {name}, prepare run "
                              f"{prepare_run_id}")
         # Left RUNNING: the job that completes the last fold aggregates and ends it.
-        parent_id = _client().create_run(_client().get_run(prepare_run_id).info.experiment_id,
-                                         run_name=f"train seed={seed} {name}").info.run_id
+        from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID  # the experiment configure() set
+
+        parent_id = _client().create_run(MLFLOW_EXPERIMENT_ID.get(), run_name=f"train seed={seed} {name}").info.run_id
     _tag_parent(parent_id, prepared, seed, name, hyper)
     _mark_stale_folds_failed(parent_id, fold)
     todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in fold_runs(parent_id)]

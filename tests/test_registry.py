@@ -1,6 +1,6 @@
 """register -> promote -> load by alias -> predict / serve, on a tiny ensemble of MiniLM members built
-here by the train contract (a train parent per seed, FINISHED fold runs with ``adapter/``), in a
-temporary SQLite tracking store."""
+by the train contract (a train parent per seed, FINISHED fold runs with ``adapter/``) in a temporary
+SQLite tracking store: tests/conftest.py's ``registry_store`` and ``champion``."""
 import json
 import os
 import signal
@@ -12,7 +12,6 @@ import urllib.error
 import urllib.request
 import zipfile
 from pathlib import Path
-from types import SimpleNamespace
 
 import mlflow
 import numpy as np
@@ -25,91 +24,15 @@ from psydef import registry, tracking
 from psydef.backbones import load_adapter
 from psydef.calibrate import EnsembleSpec, blend, softmax
 from psydef.ensemble import PROB_COLUMNS
+from tests.conftest import ensemble_rows
 
-N_FOLDS = 2
 NAME = tracking.MODEL_NAME
 
 
-def _rows(make_dialogue_rows, n, *, labelled=True):
-    rows = make_dialogue_rows(n, labelled=labelled)
-    return rows.assign(id=[f"row_{i:03d}" for i in range(n)])
-
-
-def _fit_adapter(rows, seed: int, dst: Path) -> Path:
-    from psydef.backbones.minilm import MiniLMBackbone
-
-    return MiniLMBackbone(epochs=1, steps_per_epoch=3, char_ngrams=False).fit(rows, seed=seed).save(dst)
-
-
-def _train_run(prepare_id: str, seed: int, rows, tmp: Path, *, adapter_folds=range(N_FOLDS)) -> str:
-    """A train parent with N_FOLDS complete fold runs; folds outside ``adapter_folds`` log no adapter."""
-    fold = np.arange(len(rows)) % N_FOLDS
-    with mlflow.start_run(run_name=f"train seed={seed}") as parent:
-        mlflow.set_tags({tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: "minilm",
-                         tracking.DATA_DIGEST: "digest0", tracking.PREPARE_RUN_ID: prepare_id})
-        for k in range(N_FOLDS):
-            with mlflow.start_run(run_name=f"fold {k}", nested=True):
-                mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k)})
-                if k in adapter_folds:
-                    adapter = _fit_adapter(rows[fold != k], seed + k, tmp / f"seed{seed}_fold{k}")
-                    mlflow.log_artifacts(str(adapter), tracking.ADAPTER_DIR)
-                mlflow.set_tag(tracking.FOLD_STATUS, "finished")
-    return parent.info.run_id
-
-
-def _spec(members: list[str]) -> EnsembleSpec:
-    return EnsembleSpec(members=[{"run_id": r, "weight": 1 / len(members)} for r in members],
-                        delta=[0.3, -0.2, 0.1, 0.0, 0.25, -0.1, 0.05, 0.0, -0.3], tau7=0.2)
-
-
-def _tune_run(spec: EnsembleSpec | None, *, nested: float) -> str:
-    """A tune run with its metrics and, unless ``spec`` is None, its ensemble.json."""
-    with mlflow.start_run(run_name="tune") as run:
-        mlflow.set_tag(tracking.STAGE, tracking.TUNE)
-        mlflow.log_metrics({tracking.NESTED_F1: nested, tracking.CALIBRATED_F1: nested + 0.1})
-        if spec is not None:
-            tracking.log_json(spec.to_dict(), tracking.ENSEMBLE_JSON)
-    return run.info.run_id
-
-
 @pytest.fixture(scope="module")
-def store(tmp_path_factory, make_dialogue_rows):
-    """A tracking store with a prepare run, two complete members, one member missing a fold adapter,
-    and tune runs: ``good`` (nested F1 0.40), ``worse`` (0.30), ``no_spec``, ``broken_member``,
-    ``ghost_member`` (a member run that does not exist)."""
-    tmp = tmp_path_factory.mktemp("registry")
-    uri = f"sqlite:///{tmp}/mlflow.db"
-    before = mlflow.get_tracking_uri()
-    with pytest.MonkeyPatch.context() as mp:
-        mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_DISABLE_TELEMETRY", "true")
-        # mlflow.set_experiment sets MLFLOW_EXPERIMENT_ID: undone with the rest when the module ends
-        for variable in ("MLFLOW_RUN_ID", "MLFLOW_EXPERIMENT_NAME", "MLFLOW_EXPERIMENT_ID"):
-            mp.delenv(variable, raising=False)
-        mlflow.set_tracking_uri(uri)
-        mlflow.create_experiment("registry-test", artifact_location=(tmp / "artifacts").as_uri())
-        mlflow.set_experiment("registry-test")
-        rows = _rows(make_dialogue_rows, 36)
-        with mlflow.start_run(run_name="prepare") as prepare:
-            mlflow.set_tag(tracking.STAGE, tracking.PREPARE)
-            mlflow.log_param("n_splits", N_FOLDS)
-        members = [_train_run(prepare.info.run_id, seed, rows, tmp) for seed in (1, 2)]
-        broken = _train_run(prepare.info.run_id, 3, rows, tmp, adapter_folds=[0])
-        tunes = SimpleNamespace(good=_tune_run(_spec(members), nested=0.4),
-                                worse=_tune_run(_spec(members), nested=0.3),
-                                no_spec=_tune_run(None, nested=0.5),
-                                broken_member=_tune_run(_spec([members[0], broken]), nested=0.5),
-                                ghost_member=_tune_run(_spec([members[0], "0" * 32]), nested=0.5))
-        yield SimpleNamespace(uri=uri, members=members, tune=tunes)
-    mlflow.set_tracking_uri(before)
-
-
-@pytest.fixture(scope="module")
-def champion(store):
-    """Version registered from the ``good`` tune run and promoted to production."""
-    version = registry.register(store.tune.good)
-    registry.promote(version.version)
-    return version
+def store(registry_store):
+    """The registered tiny ensemble's store (tests/conftest.py: ``registry_store``, ``champion``)."""
+    return registry_store
 
 
 def _production() -> str:
@@ -142,9 +65,9 @@ def test_register_tags_lineage_and_metrics(store, champion):
     assert run.data.tags[tracking.STAGE] == tracking.REGISTER
 
 
-def test_production_alias_predicts_like_direct_decoding(store, champion, make_dialogue_rows):
+def test_production_alias_predicts_like_direct_decoding(store, champion):
     assert _production() == champion.version
-    rows = _rows(make_dialogue_rows, 20, labelled=False)
+    rows = ensemble_rows(20, labelled=False)
     out = mlflow.pyfunc.load_model(tracking.PRODUCTION_URI).predict(rows[["id", "dialogue", "current_text"]])
     labels, probs = _direct_decode(store.tune.good, rows)
     assert list(out.columns) == ["id", "label", *PROB_COLUMNS]
@@ -223,17 +146,17 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     (lambda r: r.assign(current_text="something else"), r"id 'row_000'.*differs from 'current_text'"),
     (lambda r: r.assign(dialogue="[not json"), r"id 'row_000'.*'dialogue' is a string but not JSON"),
 ])
-def test_bad_rows_get_clear_errors(champion, make_dialogue_rows, change, message):
+def test_bad_rows_get_clear_errors(champion, change, message):
     model = mlflow.pyfunc.load_model(f"models:/{NAME}/{champion.version}")
-    rows = _rows(make_dialogue_rows, 3, labelled=False)[["id", "dialogue", "current_text"]]
+    rows = ensemble_rows(3, labelled=False)[["id", "dialogue", "current_text"]]
     with pytest.raises(MlflowException, match=message):
         model.predict(change(rows))
 
 
-def test_predict_writes_the_codabench_files(store, champion, make_dialogue_rows, tmp_path):
+def test_predict_writes_the_codabench_files(store, champion, tmp_path):
     from entrypoints.predict import predict
 
-    rows = _rows(make_dialogue_rows, 18)
+    rows = ensemble_rows(18)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     records = rows[["id", "dialogue_id", "dialogue", "current_text", "label"]].to_dict(orient="records")
@@ -297,7 +220,7 @@ def _post(url: str, payload: dict) -> tuple[int, dict]:
         return err.code, json.loads(err.read())
 
 
-def test_serving_answers_a_request(store, champion, make_dialogue_rows, tmp_path):
+def test_serving_answers_a_request(store, champion, tmp_path):
     port = _free_port()
     bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
     command = [str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
@@ -320,7 +243,7 @@ def test_serving_answers_a_request(store, champion, make_dialogue_rows, tmp_path
                         break
             except OSError:
                 time.sleep(0.5)
-        rows = _rows(make_dialogue_rows, 5, labelled=False)[["id", "dialogue", "current_text"]]
+        rows = ensemble_rows(5, labelled=False)[["id", "dialogue", "current_text"]]
         status, answer = _post(f"http://127.0.0.1:{port}/invocations",
                                {"dataframe_split": rows.to_dict(orient="split", index=False)})
         assert status == 200, answer

@@ -120,7 +120,8 @@ class MiniLMBackbone(Backbone):
         """(sparse TF-IDF block, dense embedding block): kept apart so the dense product runs in BLAS."""
         texts = list(rows["current_text"])
         coo = sp.hstack([v.transform(texts) for v in self._vectorizers()]).tocoo()
-        sparse = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape)
+        sparse = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape,
+                                         check_invariants=False)  # scipy built it: valid by construction
         return sparse.coalesce(), torch.from_numpy(self._dense(rows))
 
     def _logits(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
@@ -140,7 +141,7 @@ class MiniLMBackbone(Backbone):
         x = self._features(train)
         x_valid = None if valid is None else self._features(valid)
         labels = train["label"].astype(int).to_numpy()
-        y = torch.from_numpy(labels)
+        y = torch.tensor(labels)  # a copy: pandas 3 hands out read-only arrays
         self.head = torch.nn.Linear(x[0].shape[1] + x[1].shape[1], N_LEVELS)
         loss_fn = class_weighted_loss(labels, self.label_smoothing)
         optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)

@@ -1,0 +1,130 @@
+"""Bad input through the ``psydef`` CLI (in process): a clean non-zero exit whose one-line message names
+the problem, no new registered model version, and the ``production`` alias left where it was.
+
+The store is tests/conftest.py's registered tiny ensemble (``registry_store``, promoted ``champion``);
+the tune members are test_tune's fake train runs."""
+import json
+import re
+
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+
+from entrypoints.cli import cli
+from psydef import tracking
+from tests.test_tune import Store
+
+# A defect of an official-format split file: (change the file given its path and records, the message).
+# Record 3 exists in both splits of the ``data_dir`` fixture (60 train records, 8 test records).
+
+
+def _write(path, content):
+    path.write_text(content if isinstance(content, str) else json.dumps(content))
+
+
+def _edit_record(change):
+    def edit(path, records):
+        change(records[3], records)
+        _write(path, records)
+    return edit
+
+
+DATA_DEFECTS = {
+    "missing data file": (lambda path, records: path.unlink(), r": file not found"),
+    "not JSON": (lambda path, records: _write(path, json.dumps(records)[:-10]), r": not valid JSON"),
+    "top level not a list": (lambda path, records: _write(path, {"records": records}),
+                             r": the top level must be a JSON list of records, got dict"),
+    "record missing a field": (_edit_record(lambda r, _: r.pop("dialogue_id")),
+                               r": record 3 \(id '\w+_00003'\): missing field 'dialogue_id'"),
+    "label outside 0..8": (_edit_record(lambda r, _: r.update(label=9)),
+                           r": record 3 \(id '\w+_00003'\): field 'label' must be an integer in 0..8, got 9"),
+    "unknown speaker": (_edit_record(lambda r, _: r["dialogue"][0].update(speaker="therapist")),
+                        r": record 3 \(id '\w+_00003'\): dialogue turn 0 has speaker 'therapist'"),
+    "empty dialogue": (_edit_record(lambda r, _: r.update(dialogue=[])),
+                       r": record 3 \(id '\w+_00003'\): field 'dialogue' must be a non-empty list"),
+    "last turn differs from current_text": (_edit_record(lambda r, _: r.update(current_text="something else")),
+                                            r": record 3 \(id '\w+_00003'\): the last dialogue turn differs "
+                                            r"from 'current_text'"),
+    "duplicate ids": (_edit_record(lambda r, records: r.update(id=records[0]["id"])),
+                      r": record 3 \(id '(\w+_00000)'\): duplicate id '\1' \(first seen at record 0\)"),
+}
+# Which split each command reads: main (the whole chain) starts with train.json, predict reads test.json.
+COMMANDS = {"main": ("train.json", ["--seeds", "5", "--backbone", "minilm"]), "predict": ("test.json", [])}
+
+
+@pytest.fixture(scope="module")
+def store(registry_store, champion, tmp_path_factory):
+    """The registry store with production set, plus fake train runs to tune: two with OOF logits over
+    different ids, one without logits."""
+    experiment = MlflowClient().get_experiment_by_name(registry_store.experiment)
+    fake = Store(tmp_path_factory.mktemp("tune-members"), experiment.experiment_id)
+    prepare = fake.prepare()
+    registry_store.tune_members = {
+        "good": fake.train(prepare, 11),
+        "other ids": fake.train(prepare, 12, ids=fake.ids[:-5] + ["stray_1"]),
+        "no logits": fake.train(prepare, 13, logits=False),
+    }
+    return registry_store
+
+
+def _registry_state():
+    client = MlflowClient()
+    versions = sorted((v.name, int(v.version)) for v in client.search_model_versions())
+    return versions, client.get_model_version_by_alias(tracking.MODEL_NAME, tracking.PRODUCTION).version
+
+
+def _refused(store, args, message):
+    """Run ``psydef ARGS``; it must exit 1 with ``Error: ...message...`` and leave the registry as it was."""
+    before = _registry_state()
+    result = CliRunner().invoke(cli, [*args, "--tracking-uri", store.uri, "--experiment-name", store.experiment])
+    assert result.exit_code == 1, result.output
+    assert isinstance(result.exception, SystemExit), f"not a clean error: {result.exception!r}\n{result.output}"
+    error = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert error and re.search(message, error[-1]), result.output
+    assert _registry_state() == before  # no new version, production unchanged
+    return error[-1]
+
+
+@pytest.mark.parametrize("defect", DATA_DEFECTS)
+@pytest.mark.parametrize("command", COMMANDS)
+def test_bad_data_files(store, data_dir, tmp_path, command, defect):
+    split, options = COMMANDS[command]
+    path = data_dir / split
+    change, message = DATA_DEFECTS[defect]
+    change(path, json.loads(path.read_text()))
+    error = _refused(store, [command, "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"), *options],
+                     re.escape(str(path)) + message)
+    assert len(error) < 400  # one line that says it, not a dump of the file
+
+
+@pytest.mark.parametrize("members, message", [
+    (("good", "other ids"), r"Runs {good} and {other ids} have different OOF ids: 5 of {good}'s ids are missing "
+                            r"from {other ids} and 1 of {other ids}'s are not in {good}"),
+    (("good", "no logits"), r"Run {no logits} has no OOF logits"),
+], ids=["tune members whose OOF ids differ", "a member run without logits"])
+def test_bad_tune_members(store, members, message):
+    runs = store.tune_members
+    _refused(store, ["tune", "--train-runs", ",".join(runs[m] for m in members), "--n-trials", "4",
+                     "--inner-trials", "2", "--sampler", "random"],
+             message.format_map(runs))
+
+
+@pytest.mark.parametrize("model_uri, message", [
+    (f"models:/{tracking.MODEL_NAME}@staging", r"has no alias 'staging'"),
+    ("models:/no-such-model@production", r"no registered model 'no-such-model'"),
+    (f"models:/{tracking.MODEL_NAME}/999", r"has no version 999"),
+    ("runs:/00000000000000000000000000000000/model",
+     r"runs:/0{32}/model does not resolve to a model: Run .* not found"),
+    ("/nonexistent/psydef-model", r"/nonexistent/psydef-model does not resolve to a model: .*MLmodel"),
+])
+def test_model_uri_that_does_not_resolve(store, data_dir, tmp_path, model_uri, message):
+    _refused(store, ["predict", "--data-dir", str(data_dir), "--model-uri", model_uri, "--out-dir",
+                     str(tmp_path / "out")], message)
+    assert not (tmp_path / "out" / tracking.PREDICTION_JSON).exists()
+
+
+def test_predict_input_with_a_missing_column(store, data_dir, tmp_path):
+    path = data_dir / "test.json"
+    _write(path, [{k: v for k, v in record.items() if k != "current_text"} for record in json.loads(path.read_text())])
+    _refused(store, ["predict", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")],
+             re.escape(str(path)) + r": record 0 \(id 'test_00000'\): missing field 'current_text'")
