@@ -16,16 +16,7 @@ from psydef.trainer import aggregate as aggregate_folds
 def aggregate(parent_run_id, data_dir, prepare_run_id):
     """Aggregate a train run whose folds were trained as separate jobs (-P fold=k) and end it FINISHED:
     what the job completing the last fold does; running it again rewrites the same results."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        parent = mlflow.get_run(parent_run_id)
-    except MlflowException as err:
-        raise ValueError(f"train run {parent_run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
-    if parent.data.tags.get(tracking.STAGE) != tracking.TRAIN:
-        raise ValueError(f"run {parent_run_id} is not a train run (tag {tracking.STAGE}="
-                         f"{parent.data.tags.get(tracking.STAGE)!r})")
+    parent = tracking.get_run(parent_run_id, tracking.TRAIN)
     tagged = parent.data.tags.get(tracking.PREPARE_RUN_ID, "")
     if prepare_run_id and tagged and prepare_run_id != tagged:
         raise ValueError(f"train run {parent_run_id} was trained on the folds of prepare run {tagged}, "

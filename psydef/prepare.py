@@ -87,13 +87,7 @@ def load_prepared(run_id: str, data_dir: str | Path) -> Prepared:
     import mlflow
     from mlflow.exceptions import MlflowException
 
-    try:
-        run = mlflow.get_run(run_id)
-    except MlflowException as err:
-        raise ValueError(f"prepare run {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
-    if run.data.tags.get(tracking.STAGE) != tracking.PREPARE:
-        raise ValueError(f"run {run_id} is not a prepare run (tag {tracking.STAGE}="
-                         f"{run.data.tags.get(tracking.STAGE)!r})")
+    run = tracking.get_run(run_id, tracking.PREPARE)
     train, test = read_data_dir(data_dir)
     digest = dataset_digest(train)
     if digest != run.data.tags.get(tracking.DATA_DIGEST):

@@ -28,16 +28,6 @@ def _client():
     return MlflowClient()
 
 
-def _get_run(run_id: str, what: str):
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        return mlflow.get_run(run_id)
-    except MlflowException as err:
-        raise ValueError(f"{what} {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
-
-
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
     from mlflow.exceptions import MlflowException
 
@@ -57,7 +47,7 @@ def _member_folds(run) -> list:
     if run.data.tags.get(tracking.STAGE) != tracking.TRAIN:
         raise ValueError(f"ensemble member {run_id} is not a train run (tag {tracking.STAGE}="
                          f"{run.data.tags.get(tracking.STAGE)!r})")
-    prepare = _get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), f"prepare run of train run {run_id}")
+    prepare = tracking.get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
     n_splits = int(prepare.data.params["n_splits"])
     folds = fold_runs(run_id)
     missing = sorted(set(range(n_splits)) - set(folds))
@@ -89,7 +79,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     version of ``name``; returns the ``ModelVersion``."""
     import mlflow
 
-    tune = _get_run(tune_run_id, "tune run")
+    tune = tracking.get_run(tune_run_id, what="tune run")
     if tune.data.tags.get(tracking.STAGE) != tracking.TUNE:
         raise ValueError(f"run {tune_run_id} is not a tune run (tag {tracking.STAGE}="
                          f"{tune.data.tags.get(tracking.STAGE)!r})")
@@ -97,7 +87,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     missing = [m for m in (tracking.NESTED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
     if missing:
         raise ValueError(f"tune run {tune_run_id} has no metric(s) {missing}: it did not finish; run tune again")
-    members = [_get_run(run_id, "ensemble member (train run)") for run_id in spec.run_ids]
+    members = [tracking.get_run(run_id, what="ensemble member (train run)") for run_id in spec.run_ids]
     tags = {
         tracking.V_TUNE_RUN_ID: tune_run_id,
         tracking.V_TRAIN_RUN_IDS: ",".join(spec.run_ids),

@@ -72,6 +72,24 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     return mlflow.set_experiment(name).experiment_id
 
 
+def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
+    """The run ``run_id``, checked to be a ``stage`` run when a stage is given; a ValueError that
+    names the run (and the tracking store) otherwise. ``what`` names the run in that message."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+
+    what = what or (f"{stage} run" if stage else "run")
+    try:
+        run = mlflow.get_run(run_id)
+    except MlflowException as err:
+        raise ValueError(f"{what} {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
+    found = run.data.tags.get(STAGE)
+    if stage and found != stage:
+        hint = " (a fold run: pass its parent train run)" if found == FOLD_RUN else ""
+        raise ValueError(f"run {run_id} is not a {stage} run (tag {STAGE}={found!r}){hint}")
+    return run
+
+
 @contextmanager
 def stage_run(stage: str, run_name: str, tags: dict | None = None):
     """Open the run of one stage: nested under the active run (the pipeline's) when there is one;

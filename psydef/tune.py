@@ -63,17 +63,7 @@ def pick_train_runs() -> list:
 
 def _train_run(run_id: str):
     """The FINISHED train parent run ``run_id``."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
-    try:
-        run = mlflow.get_run(run_id)
-    except MlflowException as err:
-        raise ValueError(f"train run {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
-    stage = run.data.tags.get(tracking.STAGE)
-    if stage != tracking.TRAIN:
-        hint = " (a fold run: pass its parent train run)" if stage == tracking.FOLD_RUN else ""
-        raise ValueError(f"run {run_id} is not a train run (tag {tracking.STAGE}={stage!r}){hint}")
+    run = tracking.get_run(run_id, tracking.TRAIN)
     if run.info.status != "FINISHED":
         raise ValueError(f"train run {run_id} is {run.info.status}, not FINISHED: its folds are not all trained "
                          "and aggregated (train -P resume=true finishes it)")
