@@ -181,8 +181,7 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
     name = _resolve(backbone, hyper, model)
     if prepare_run_id is None:
         raise ValueError("resume and single-fold training need -P prepare_run_id (the folds the parent was trained on)")
-    prepared = load_prepared(prepare_run_id, data_dir)
-    check_no_leakage(prepared.folds, _group_by(prepare_run_id))
+    prepared = _prepared(data_dir, seed, prepare_run_id)
     if fold is not None and not 0 <= fold < _n_splits(prepared):
         raise ValueError(f"fold {fold} is out of range: the folds are 0..{_n_splits(prepared) - 1}")
     parent_id = parent_run_id or find_parent(seed, name, prepare_run_id)
