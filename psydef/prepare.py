@@ -62,7 +62,7 @@ def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, grou
                                                      name="psydefconv-test", digest=dataset_digest(test)),
                              context="test")
         tracking.log_new_params({"data_dir": str(data_dir), "seed": seed, "n_splits": n_splits, "group_by": group_by,
-                           "augment_levels": ",".join(map(str, augment_levels)), "augment_k": augment_k})
+                                 "augment_levels": ",".join(map(str, augment_levels)), "augment_k": augment_k})
         mlflow.log_metrics({"n_records": len(train), "n_dialogues": train["dialogue_id"].nunique(),
                             "n_augmented": len(augmented), "n_test_records": 0 if test is None else len(test),
                             "leaked_dialogues": leaked_dialogues(folds)})

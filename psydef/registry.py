@@ -44,9 +44,6 @@ def _member_folds(run) -> list:
     from psydef.trainer import fold_runs
 
     run_id = run.info.run_id
-    if run.data.tags.get(tracking.STAGE) != tracking.TRAIN:
-        raise ValueError(f"ensemble member {run_id} is not a train run (tag {tracking.STAGE}="
-                         f"{run.data.tags.get(tracking.STAGE)!r})")
     prepare = tracking.get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
     n_splits = int(prepare.data.params["n_splits"])
     folds = fold_runs(run_id)
@@ -79,15 +76,12 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     version of ``name``; returns the ``ModelVersion``."""
     import mlflow
 
-    tune = tracking.get_run(tune_run_id, what="tune run")
-    if tune.data.tags.get(tracking.STAGE) != tracking.TUNE:
-        raise ValueError(f"run {tune_run_id} is not a tune run (tag {tracking.STAGE}="
-                         f"{tune.data.tags.get(tracking.STAGE)!r})")
+    tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
     missing = [m for m in (tracking.NESTED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
     if missing:
         raise ValueError(f"tune run {tune_run_id} has no metric(s) {missing}: it did not finish; run tune again")
-    members = [tracking.get_run(run_id, what="ensemble member (train run)") for run_id in spec.run_ids]
+    members = [tracking.get_run(run_id, tracking.TRAIN, what="ensemble member (train run)") for run_id in spec.run_ids]
     tags = {
         tracking.V_TUNE_RUN_ID: tune_run_id,
         tracking.V_TRAIN_RUN_IDS: ",".join(spec.run_ids),

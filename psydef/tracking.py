@@ -101,13 +101,16 @@ def stage_run(stage: str, run_name: str, tags: dict | None = None):
         yield run
 
 
-def log_new_params(params: dict) -> None:
-    """Log the params the active run does not hold yet. Under ``mlflow run`` the ``-P`` values are
-    already the run's params (as strings), and MLflow refuses to change a param's value."""
+def log_new_params(params: dict, run_id: str | None = None) -> None:
+    """Log the params the run (default: the active one) does not hold yet. Under ``mlflow run`` the
+    ``-P`` values are already the run's params (as strings), and MLflow refuses to change a value."""
     import mlflow
+    from mlflow.entities import Param
 
-    given = mlflow.get_run(mlflow.active_run().info.run_id).data.params
-    mlflow.log_params({key: value for key, value in params.items() if key not in given})
+    run_id = run_id or mlflow.active_run().info.run_id
+    given = mlflow.get_run(run_id).data.params
+    new = [Param(key, str(value)) for key, value in params.items() if key not in given]
+    mlflow.MlflowClient().log_batch(run_id, params=new)
 
 
 def log_json(obj, artifact_path: str) -> None:

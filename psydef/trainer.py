@@ -239,7 +239,4 @@ def _tag_parent(parent_id: str, prepared: Prepared, seed: int, backbone: str, hy
     for key, value in {tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
                        tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id}.items():
         client.set_tag(parent_id, key, value)
-    logged = client.get_run(parent_id).data.params
-    for key, value in {"seed": seed, "backbone": backbone, **hyper}.items():
-        if key not in logged:
-            client.log_param(parent_id, key, value)
+    tracking.log_new_params({"seed": seed, "backbone": backbone, **hyper}, parent_id)
