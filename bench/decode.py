@@ -31,14 +31,13 @@ def main() -> None:
     from mlflow import MlflowClient
 
     from psydef import tracking
-    from psydef.data import read_split
-    from psydef.ensemble import INPUT_COLUMNS, example_input
-    from psydef.predict import CHUNK_ROWS, split_path
-    from psydef.registry import resolve
+    from psydef.core.data import read_split
+    from psydef.core.data import INPUT_COLUMNS, example_input
+    from psydef.stages.predict import CHUNK_ROWS, split_path
 
     if args.tracking_uri:
         mlflow.set_tracking_uri(args.tracking_uri)
-    uri = resolve(args.model_uri or tracking.PRODUCTION_URI)
+    uri = tracking.resolve_model_uri(args.model_uri or tracking.PRODUCTION_URI)
     name, _, number = uri.removeprefix("models:/").partition("/")
     if not uri.startswith("models:/") or not number.isdigit():
         raise SystemExit(f"{uri} is not a registered model: give models:/NAME@ALIAS or models:/NAME/VERSION")

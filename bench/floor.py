@@ -12,9 +12,9 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 from sklearn.pipeline import make_pipeline
 
-from psydef.data import read_split
-from psydef.folds import assign_folds
-from psydef.metrics import evaluate
+from psydef.core.data import read_split
+from psydef.core.folds import assign_folds
+from psydef.core.metrics import evaluate
 
 
 def context_and_target(dialogue, turns=6):

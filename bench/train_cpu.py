@@ -15,8 +15,8 @@ import mlflow
 import torch
 
 from psydef import tracking
-from psydef.prepare import run_prepare
-from psydef.trainer import fold_runs, run_train
+from psydef.stages.prepare import run_prepare
+from psydef.stages.train import run_train
 
 LOGGING_CALLS = ["log_metrics", "log_params", "log_artifacts", "log_artifact", "set_tag", "set_tags", "log_text"]
 
@@ -50,7 +50,7 @@ def main():
         total = time.perf_counter() - start
         for p in patches:
             p.stop()
-        folds = fold_runs(parent)
+        folds = tracking.fold_runs(parent)
         metrics = mlflow.get_run(parent).data.metrics
     logging = sum(spent.values())
     print(f"minilm train, seed {args.seed}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")

@@ -3,8 +3,8 @@ import click
 
 from entrypoints.common import tracked
 from psydef import tracking
-from psydef.prepare import load_prepared
-from psydef.trainer import aggregate as aggregate_folds
+from psydef.stages.prepare import load_prepared
+from psydef.stages.train import aggregate as aggregate_folds
 
 
 @click.command("aggregate")

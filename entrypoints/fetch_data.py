@@ -1,7 +1,7 @@
 """`fetch-data`: download the official PsyDefConv splits from the Hugging Face Hub."""
 import click
 
-from psydef.fetch import fetch_data as fetch
+from psydef.core.fetch import fetch_data as fetch
 
 
 @click.command("fetch-data")

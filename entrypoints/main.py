@@ -5,8 +5,8 @@ from entrypoints.common import tracked
 from entrypoints.train import parse_hyper
 from psydef import tracking
 from psydef.backbones import AUTO, BACKBONES
-from psydef.pipeline import run_main
-from psydef.search import SAMPLERS
+from psydef.stages.pipeline import run_main
+from psydef.calibration.study import SAMPLERS
 
 
 @click.command("main")

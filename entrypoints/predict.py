@@ -3,7 +3,7 @@ import click
 
 from entrypoints.common import tracked
 from psydef import tracking
-from psydef.predict import run_predict
+from psydef.stages.predict import run_predict
 
 
 @click.command("predict")

@@ -2,8 +2,8 @@
 import click
 
 from entrypoints.common import tracked
-from psydef.folds import GROUP_BY
-from psydef.prepare import run_prepare
+from psydef.core.folds import GROUP_BY
+from psydef.stages.prepare import run_prepare
 
 
 @click.command("prepare")

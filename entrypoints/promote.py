@@ -3,7 +3,7 @@ import click
 
 from entrypoints.common import tracked
 from psydef import tracking
-from psydef.registry import promote as promote_version
+from psydef.stages.promote import promote as promote_version
 
 
 @click.command("promote")

@@ -3,7 +3,7 @@ import click
 
 from entrypoints.common import tracked
 from psydef import tracking
-from psydef.registry import register as register_ensemble
+from psydef.stages.register import register as register_ensemble
 
 
 @click.command("register")

@@ -5,7 +5,7 @@ import click
 
 from entrypoints.common import tracked
 from psydef.backbones import AUTO, BACKBONES
-from psydef.trainer import run_train
+from psydef.stages.train import run_train
 
 
 def parse_hyper(value: str) -> dict:

@@ -2,8 +2,8 @@
 import click
 
 from entrypoints.common import tracked
-from psydef.search import SAMPLERS
-from psydef.tune import run_tune
+from psydef.calibration.study import SAMPLERS
+from psydef.stages.tune import run_tune
 
 
 @click.command("tune")

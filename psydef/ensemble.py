@@ -11,13 +11,12 @@ Nothing is pickled. The model carries:
 * ``code_paths``: the ``psydef`` package as it was when the model was logged.
 
 A member's prediction is the mean over its fold adapters of softmax(fold logits). The decision rule
-is calibrate's: :func:`psydef.calibrate.blend` gives the blended probabilities and
+is :mod:`psydef.calibration.rule`'s: :func:`psydef.calibration.rule.blend` gives the blended probabilities and
 :meth:`EnsembleSpec.decode_logits` the labels, both fed ``log(mean probs)`` per member
 (``softmax(log p) = p``).
 """
 from __future__ import annotations
 
-import json
 from importlib.metadata import requires, version
 from pathlib import Path
 from typing import Sequence
@@ -33,12 +32,10 @@ from packaging.version import Version
 
 from psydef import tracking
 from psydef.backbones import load_adapter
-from psydef.calibrate import EnsembleSpec, blend, softmax
-from psydef.data import DataError, records_to_table, validate_records
-from psydef.labels import N_LEVELS
+from psydef.calibration.rule import EnsembleSpec, blend, softmax
+from psydef.core.data import DataError, example_input, input_table
+from psydef.core.labels import PROB_COLUMNS
 
-INPUT_COLUMNS = ("id", "dialogue", "current_text")
-PROB_COLUMNS = tuple(f"prob_{level}" for level in range(N_LEVELS))
 SIGNATURE = ModelSignature(
     inputs=Schema([ColSpec("string", "id"), ColSpec(AnyType(), "dialogue"), ColSpec("string", "current_text")]),
     outputs=Schema([ColSpec("string", "id"), ColSpec("long", "label"),
@@ -46,34 +43,6 @@ SIGNATURE = ModelSignature(
 )
 # A mean of softmaxes can underflow to exactly 0 for a level; its log must stay finite for calibrate.
 _TINY = np.finfo(np.float64).tiny
-
-
-def example_input() -> pd.DataFrame:
-    """One utterance in the model's input format: the input example of the logged model and the
-    smoke test of ``promote``."""
-    reply = "Honestly it's fine, exams never mattered anyway."
-    dialogue = [{"speaker": "seeker", "text": "I failed my driving exam again."},
-                {"speaker": "supporter", "text": "I'm sorry. How are you feeling about it?"},
-                {"speaker": "seeker", "text": reply}]
-    return pd.DataFrame({"id": ["example_0"], "dialogue": [dialogue], "current_text": [reply]})
-
-
-def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
-    """The model's input as a validated data table; ``dialogue`` may be a list of turns or its JSON
-    string. Raises ``DataError`` naming the row id and the field at fault. (A missing column never
-    gets here: MLflow's signature enforcement refuses it first, naming the column.)"""
-    records = []
-    for i, (rid, dialogue, current_text) in enumerate(model_input.loc[:, list(INPUT_COLUMNS)].itertuples(index=False)):
-        if isinstance(dialogue, str):
-            try:
-                dialogue = json.loads(dialogue)
-            except json.JSONDecodeError as err:
-                raise DataError(f"model input: record {i} (id {rid!r}): field 'dialogue' is a string but not JSON "
-                                f"({err}); send the list of turns or its JSON encoding") from err
-        # The model never reads dialogue_id; each row stands for itself.
-        records.append({"id": rid, "dialogue_id": rid, "dialogue": dialogue, "current_text": current_text})
-    validate_records(records, source="model input", labelled=False)
-    return records_to_table(records, labelled=False)
 
 
 def member_probs(fold_adapters: Sequence, rows: pd.DataFrame) -> np.ndarray:

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import tempfile
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,6 +25,7 @@ FOLD = "psydef.fold"
 FOLD_STATUS = "psydef.fold_status"  # "finished" only once every fold artifact is logged
 MEMBER_RUN_IDS = "psydef.member_run_ids"  # a tune run's train runs, comma-separated, in ensemble order
 STUDY_NAME = "psydef.study_name"  # a tune run's Optuna study (in its storage param)
+PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag on nested runs
 
 # Stages (values of the STAGE tag)
 PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
@@ -47,6 +49,8 @@ MODEL_NAME = "psydef-ensemble"
 PRODUCTION, PREVIOUS = "production", "previous"  # the champion and the one it replaced
 PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
 LEGACY_STAGE = "Production"
+# models:/<name>@<alias> or models:/<name>/<version>
+_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 # Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
 NESTED_F1, CALIBRATED_F1 = "oof_macro_f1_nested", "oof_macro_f1_calibrated"
@@ -140,3 +144,109 @@ def load_npy(run_id: str, artifact_path: str) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return np.load(local, allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Run and registry queries: the only place that builds filter strings
+
+
+def client():
+    from mlflow import MlflowClient
+
+    return MlflowClient()
+
+
+def fold_runs(parent_run_id: str) -> dict[int, object]:
+    """The newest complete fold run of each fold under a parent."""
+    runs = client().search_runs(
+        [client().get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{STAGE}` = '{FOLD_RUN}' "
+                      f"and tags.`{FOLD_STATUS}` = 'finished' and attributes.status = 'FINISHED'",
+        order_by=["attributes.start_time DESC"])
+    complete: dict[int, object] = {}
+    for run in runs:
+        complete.setdefault(int(run.data.tags[FOLD]), run)
+    return complete
+
+
+def mark_stale_folds_failed(parent_run_id: str, fold: int | None = None) -> None:
+    """Fold runs left RUNNING by a killed process are marked FAILED before a resume (all of them), or
+    before fold ``fold`` is trained again (only that fold's: other folds may be training right now in
+    parallel jobs)."""
+    mlflow_client = client()
+    only_fold = "" if fold is None else f" and tags.`{FOLD}` = '{fold}'"
+    for run in mlflow_client.search_runs([mlflow_client.get_run(parent_run_id).info.experiment_id],
+                                  filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' "
+                                                "and attributes.status = 'RUNNING'" + only_fold):
+        mlflow_client.set_terminated(run.info.run_id, "FAILED")
+
+
+def find_parent(seed: int, backbone: str, prepare_run_id: str) -> str | None:
+    """The latest train parent run of this seed, backbone and prepare run, if any."""
+    import mlflow
+
+    runs = mlflow.search_runs(
+        filter_string=f"tags.`{STAGE}` = '{TRAIN}' and tags.`{SEED}` = '{seed}' "
+                      f"and tags.`{BACKBONE}` = '{backbone}' "
+                      f"and tags.`{PREPARE_RUN_ID}` = '{prepare_run_id}'",
+        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
+    return runs[0].info.run_id if runs else None
+
+
+def finished_train_runs(experiment_id: str) -> list:
+    """Every FINISHED train parent run of the experiment, newest first."""
+    import mlflow
+
+    return mlflow.search_runs([experiment_id], filter_string=f"tags.`{STAGE}` = '{TRAIN}' and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"], output_format="list")
+
+
+def registered_model(name: str):
+    from mlflow.exceptions import MlflowException
+
+    try:
+        return client().get_registered_model(name)
+    except MlflowException as err:
+        raise ValueError(f"no registered model {name!r}: register one with "
+                         "`psydef register --tune-run RUN_ID`") from err
+
+
+def model_version(name: str, version: str | int | None):
+    """A version of ``name``; ``None`` is the newest."""
+    from mlflow.exceptions import MlflowException
+
+    registered_model(name)
+    if version is None:
+        versions = client().search_model_versions(f"name = '{name}'")
+        if not versions:
+            raise ValueError(f"registered model {name!r} has no versions: register one with `psydef register`")
+        return max(versions, key=lambda v: int(v.version))
+    try:
+        return client().get_model_version(name, str(version))
+    except MlflowException as err:
+        raise ValueError(f"registered model {name!r} has no version {version}") from err
+
+
+def resolve_model_uri(model_uri: str) -> str:
+    """``models:/name@alias`` or ``models:/name/version`` -> ``models:/name/version``, the version it
+    points to now, so a run can record exactly what it loaded; a clear ``ValueError`` if the model,
+    alias or version does not exist. Other URIs (``runs:/...``, paths) are returned as they are, once
+    they are seen to hold a model (an MLmodel file)."""
+    match = _REGISTRY_URI.match(model_uri)
+    if not match:
+        import mlflow
+        from mlflow.exceptions import MlflowException
+
+        try:
+            mlflow.models.get_model_info(model_uri)
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
+        return model_uri
+    name, alias = match["name"], match["alias"]
+    if alias is None:
+        return f"models:/{name}/{model_version(name, match['version']).version}"
+    aliases = registered_model(name).aliases
+    if alias not in aliases:
+        raise ValueError(f"{model_uri} does not exist: model {name!r} has no alias {alias!r} (its aliases: "
+                         f"{sorted(aliases) or 'none'}); promote a version with `psydef promote`")
+    return f"models:/{name}/{aliases[alias]}"

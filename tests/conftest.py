@@ -186,7 +186,7 @@ def _registry_train_run(prepare_id: str, seed: int, rows, tmp: Path, *, adapter_
 
 
 def _ensemble_spec(members: list[str]):
-    from psydef.calibrate import EnsembleSpec
+    from psydef.calibration.rule import EnsembleSpec
 
     return EnsembleSpec(members=[{"run_id": r, "weight": 1 / len(members)} for r in members],
                         delta=[0.3, -0.2, 0.1, 0.0, 0.25, -0.1, 0.05, 0.0, -0.3], tau7=0.2)
@@ -245,10 +245,11 @@ def registry_store(tmp_path_factory):
 @pytest.fixture(scope="module")
 def champion(registry_store):
     """Version registered from the ``good`` tune run and promoted to production."""
-    from psydef import registry
+    from psydef.stages.promote import promote
+    from psydef.stages.register import register
 
-    version = registry.register(registry_store.tune.good)
-    registry.promote(version.version)
+    version = register(registry_store.tune.good)
+    promote(version.version)
     return version
 # ---- end of the registered tiny ensemble block ----------------------------------------------------
 
@@ -355,7 +356,7 @@ class TrainJobs:
 @pytest.fixture
 def train_jobs(data_dir, tracking_uri, tmp_path):
     """A :class:`TrainJobs` over ``data_dir`` and a prepare run (seed 7) in the test's store."""
-    from psydef.prepare import run_prepare
+    from psydef.stages.prepare import run_prepare
 
     jobs = TrainJobs(tracking_uri, data_dir, run_prepare(data_dir, seed=7).run_id, tmp_path / "logs")
     try:

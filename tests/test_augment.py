@@ -5,7 +5,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
-from psydef.augment import (FILLERS, HEDGES, HESITATIONS, MINORITY_LEVELS, augment_minority, augment_text,
+from psydef.core.augment import (FILLERS, HEDGES, HESITATIONS, MINORITY_LEVELS, augment_minority, augment_text,
                             with_provenance)
 
 DATA_DIR = Path(__file__).resolve().parents[2] / "shared/data/psydefconv"

@@ -5,9 +5,10 @@ import pytest
 from scipy.special import softmax as scipy_softmax
 from sklearn.metrics import f1_score
 
-from psydef.calibrate import (DECODE_RULE, CandidateScorer, EnsembleSpec, blend, decode, macro_f1, nested_cv_estimate,
-                              per_class_f1, score_candidates, simplex_weights, softmax)
-from psydef.labels import LABEL_NAMES
+from psydef.calibration.estimate import nested_cv_estimate
+from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, decode, simplex_weights, softmax
+from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1, score_candidates
+from psydef.core.labels import LABEL_NAMES
 
 OFFICIAL = list(range(1, 9))
 

@@ -3,7 +3,6 @@ folds are trained again, and the result is bit-identical to an uninterrupted run
 import mlflow
 
 from psydef import tracking
-from psydef.trainer import fold_runs
 from tests.conftest import JOB_HYPER, assert_same_aggregate, fold_runs_of, train_parents
 
 SEED = 7
@@ -30,7 +29,7 @@ def test_a_killed_train_job_resumes_only_its_unfinished_folds_with_bit_identical
 
     [parent] = train_parents()
     assert parent.info.status == "RUNNING"  # nobody ended it
-    done = {k: run.info.run_id for k, run in fold_runs(parent.info.run_id).items()}
+    done = {k: run.info.run_id for k, run in tracking.fold_runs(parent.info.run_id).items()}
     assert sorted(done) == [0, 1, 2], f"caught fold 3 running, yet the complete folds are {sorted(done)}"
     assert mlflow.get_run(killed_fold.info.run_id).info.status == "RUNNING"
 
@@ -39,7 +38,7 @@ def test_a_killed_train_job_resumes_only_its_unfinished_folds_with_bit_identical
 
     assert [p.info.run_id for p in train_parents()] == [parent.info.run_id]  # the same parent, reopened
     assert mlflow.get_run(parent.info.run_id).info.status == "FINISHED"
-    after = {k: run.info.run_id for k, run in fold_runs(parent.info.run_id).items()}
+    after = {k: run.info.run_id for k, run in tracking.fold_runs(parent.info.run_id).items()}
     assert sorted(after) == [0, 1, 2, 3, 4]
     assert {k: after[k] for k in done} == done  # the finished folds keep their runs
     assert mlflow.get_run(killed_fold.info.run_id).info.status == "FAILED"  # marked so by the resume

@@ -2,7 +2,7 @@ import json
 
 import pytest
 
-from psydef.data import DataError, dataset_digest, read_split, records_to_table, validate_records
+from psydef.core.data import DataError, dataset_digest, read_split, records_to_table, validate_records
 from tests.conftest import official_records
 
 

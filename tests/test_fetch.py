@@ -5,7 +5,7 @@ import json
 import huggingface_hub.constants
 import pytest
 
-from psydef.fetch import fetch_data
+from psydef.core.fetch import fetch_data
 
 COMMIT = "0123456789abcdef0123456789abcdef01234567"
 SPLITS = {"train": [{"id": "train_00001", "label": 7}], "test": [{"id": "test_00001"}]}

@@ -1,9 +1,9 @@
 import pandas as pd
 import pytest
 
-from psydef.augment import augment_minority
-from psydef.data import records_to_table
-from psydef.folds import (assign_folds, check_no_leakage, fold_table, leaked_dialogues, leaked_sources,
+from psydef.core.augment import augment_minority
+from psydef.core.data import records_to_table
+from psydef.core.folds import (assign_folds, check_no_leakage, fold_table, leaked_dialogues, leaked_sources,
                           split_fold)
 from tests.conftest import official_records
 

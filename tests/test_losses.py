@@ -2,7 +2,7 @@ import numpy as np
 import pytest
 import torch
 
-from psydef.losses import class_weighted_loss, inverse_sqrt_class_weights
+from psydef.core.losses import class_weighted_loss, inverse_sqrt_class_weights
 
 
 def test_inverse_sqrt_weights_average_one_over_present_classes():

@@ -1,8 +1,8 @@
 import numpy as np
 import pytest
 
-from psydef.labels import LABEL_NAMES
-from psydef.metrics import (confusion, evaluate, official_macro_f1, per_class_report, plot_class_distribution,
+from psydef.core.labels import LABEL_NAMES
+from psydef.core.metrics import (confusion, evaluate, official_macro_f1, per_class_report, plot_class_distribution,
                             plot_confusion_matrix, plot_per_class_f1)
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"

@@ -9,7 +9,6 @@ from mlflow import MlflowClient
 
 from entrypoints.aggregate import aggregate
 from psydef import tracking
-from psydef.trainer import _mark_stale_folds_failed
 from tests.conftest import assert_same_aggregate, fold_runs_of, train_parents
 
 SEED = 7
@@ -86,7 +85,7 @@ def test_a_fold_job_marks_only_stale_attempts_at_its_own_fold_failed(tracking_ur
     def status(k):
         return client.get_run(running[k]).info.status
 
-    _mark_stale_folds_failed(parent, 2)
+    tracking.mark_stale_folds_failed(parent, 2)
     assert (status(1), status(2)) == ("RUNNING", "FAILED")
-    _mark_stale_folds_failed(parent)
+    tracking.mark_stale_folds_failed(parent)
     assert status(1) == "FAILED"

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from psydef import tracking
-from psydef.prepare import AUGMENTED_JSON, load_prepared, run_prepare
+from psydef.stages.prepare import AUGMENTED_JSON, load_prepared, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 

@@ -2,8 +2,8 @@ import time
 
 import pytest
 
-from psydef.labels import LEVELS
-from psydef.prompt import GUIDE, build_prompt, context_text
+from psydef.core.labels import LEVELS
+from psydef.core.prompt import GUIDE, build_prompt, context_text
 
 INSTRUCTION_END = "Answer with a single integer from 0 to 8.\nAnswer:"
 

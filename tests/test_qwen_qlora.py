@@ -10,7 +10,7 @@ from safetensors import safe_open
 
 from psydef.backbones import backbone_class, load_adapter
 from psydef.backbones.qwen_qlora import LORA_TARGETS, QwenQLoRABackbone
-from psydef.losses import class_weighted_loss
+from psydef.core.losses import class_weighted_loss
 
 bnb = pytest.importorskip("bitsandbytes")
 

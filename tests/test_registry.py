@@ -20,10 +20,11 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
-from psydef import registry, tracking
+from psydef import tracking
+from psydef.stages import promote as promote_stage, register as register_stage
 from psydef.backbones import load_adapter
-from psydef.calibrate import EnsembleSpec, blend, softmax
-from psydef.ensemble import PROB_COLUMNS
+from psydef.calibration.rule import EnsembleSpec, blend, softmax
+from psydef.core.labels import PROB_COLUMNS
 from tests.conftest import ensemble_rows
 
 NAME = tracking.MODEL_NAME
@@ -82,18 +83,18 @@ def test_production_alias_predicts_like_direct_decoding(store, champion):
 
 def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     client = MlflowClient()
-    worse = registry.register(store.tune.worse)
+    worse = register_stage.register(store.tune.worse)
     with pytest.raises(ValueError, match=r"oof_macro_f1_nested 0\.3, below 0\.4 of production version"):
-        registry.promote(worse.version)
+        promote_stage.promote(worse.version)
     assert _production() == champion.version
-    registry.promote(worse.version, force=True)
+    promote_stage.promote(worse.version, force=True)
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
-    registry.promote()  # the newest, already production: nothing moves
+    promote_stage.promote()  # the newest, already production: nothing moves
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
     # the better one wins back production (newest is ``worse``: name the version), with the legacy stage
-    promoted = registry.promote(champion.version, legacy_stage=True)
+    promoted = promote_stage.promote(champion.version, legacy_stage=True)
     assert _production() == champion.version and promoted.current_stage == tracking.LEGACY_STAGE
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == worse.version
 
@@ -103,7 +104,7 @@ def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_para
     with mlflow.start_run() as run:
         mlflow.log_params({"version": champion.version, "name": NAME, "force": "false", "legacy_stage": "false"})
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
-    registry.promote(champion.version)
+    promote_stage.promote(champion.version)
     after = mlflow.get_run(run.info.run_id)
     assert after.data.tags[tracking.STAGE] == tracking.PROMOTE
     assert after.data.params["force"] == "false" and after.data.params["promoted_version"] == str(champion.version)
@@ -112,13 +113,13 @@ def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_para
 def test_failures_leave_production_alone(store, champion, monkeypatch):
     production = _production()
     failures = {
-        "no alias": (lambda: registry.resolve(f"models:/{NAME}@staging"), "has no alias 'staging'"),
-        "no model": (lambda: registry.resolve("models:/no-such-model@production"), "no registered model"),
-        "no version": (lambda: registry.promote(999), "has no version 999"),
-        "not a tune run": (lambda: registry.register(store.members[0]), "is not a tune run"),
-        "no ensemble.json": (lambda: registry.register(store.tune.no_spec), "has no ensemble.json"),
-        "no adapter": (lambda: registry.register(store.tune.broken_member), r"fold 1 of train run .* has no adapter/"),
-        "no member run": (lambda: registry.register(store.tune.ghost_member), f"{'0' * 32}' does not exist"),
+        "no alias": (lambda: tracking.resolve_model_uri(f"models:/{NAME}@staging"), "has no alias 'staging'"),
+        "no model": (lambda: tracking.resolve_model_uri("models:/no-such-model@production"), "no registered model"),
+        "no version": (lambda: promote_stage.promote(999), "has no version 999"),
+        "not a tune run": (lambda: register_stage.register(store.members[0]), "is not a tune run"),
+        "no ensemble.json": (lambda: register_stage.register(store.tune.no_spec), "has no ensemble.json"),
+        "no adapter": (lambda: register_stage.register(store.tune.broken_member), r"fold 1 of train run .* has no adapter/"),
+        "no member run": (lambda: register_stage.register(store.tune.ghost_member), f"{'0' * 32}' does not exist"),
     }
     for what, (call, message) in failures.items():
         with pytest.raises(ValueError, match=message):
@@ -133,7 +134,7 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     monkeypatch.setattr("psydef.backbones.load_adapter", broken_adapter)
     newest = max(int(v.version) for v in versions)
     with pytest.raises(ValueError, match="failed to load or to predict"):
-        registry.promote(newest, force=True)
+        promote_stage.promote(newest, force=True)
     assert _production() == production
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == len(versions)
 
@@ -184,16 +185,16 @@ def test_predict_writes_the_codabench_files(store, champion, tmp_path):
 def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_probabilities(store, data_dir, tmp_path):
     """The real prepare -> train (minilm) -> tune -> register -> promote -> predict, under its own
     model name: the served member probabilities are the train run's fold-averaged test/probs.npy."""
-    from psydef.predict import run_predict
-    from psydef.prepare import run_prepare
-    from psydef.trainer import run_train
-    from psydef.tune import run_tune
+    from psydef.stages.predict import run_predict
+    from psydef.stages.prepare import run_prepare
+    from psydef.stages.train import run_train
+    from psydef.stages.tune import run_tune
 
     prepared = run_prepare(data_dir, seed=5)
     train_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
                          hyper={"epochs": 1, "steps_per_epoch": 3})
     tune_id = run_tune([train_id], n_trials=20, sampler="random", inner_trials=8)
-    registry.promote(registry.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
+    promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
     result = run_predict(data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path)
 
     assert list(result.predictions["id"]) == tracking.load_json(train_id, tracking.TEST_IDS)

@@ -5,8 +5,9 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from psydef.calibrate import CandidateScorer, EnsembleSpec, blend, decode, macro_f1
-from psydef.search import (MemberAlignmentError, MissingLogitsError, SearchSpace, align_members, calibrate_oof,
+from psydef.calibration.rule import EnsembleSpec, blend, decode
+from psydef.calibration.score import CandidateScorer, macro_f1
+from psydef.calibration.study import (MemberAlignmentError, MissingLogitsError, SearchSpace, align_members, calibrate_oof,
                            load_study, run_study)
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)

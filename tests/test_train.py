@@ -4,10 +4,10 @@ import pytest
 
 from psydef import tracking
 from psydef.backbones import load_adapter
-from psydef.calibrate import softmax
-from psydef.metrics import evaluate
-from psydef.prepare import run_prepare
-from psydef.trainer import fold_runs, run_train
+from psydef.calibration.rule import softmax
+from psydef.core.metrics import evaluate
+from psydef.stages.prepare import run_prepare
+from psydef.stages.train import run_train
 
 FAST = {"epochs": 2, "steps_per_epoch": 5}  # the minilm head, a few full-batch steps
 
@@ -33,7 +33,7 @@ def test_train_logs_fold_runs_and_parent_oof(data_dir, prepared, tmp_path):
     assert (tags[tracking.STAGE], tags[tracking.SEED], tags[tracking.BACKBONE]) == ("train", "5", "minilm")
     assert tags[tracking.DATA_DIGEST] == prepared.digest and tags[tracking.PREPARE_RUN_ID] == prepared.run_id
 
-    folds = fold_runs(parent_id)
+    folds = tracking.fold_runs(parent_id)
     assert sorted(folds) == [0, 1, 2, 3, 4]
     real_ids = set(prepared.train["id"])
     for k, run in folds.items():
@@ -75,7 +75,7 @@ def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(
     for k in (0, 1):
         partial = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", fold=k,
                             parent_run_id=partial, hyper=FAST)
-    done_before = {k: r.info.run_id for k, r in fold_runs(partial).items()}
+    done_before = {k: r.info.run_id for k, r in tracking.fold_runs(partial).items()}
     assert sorted(done_before) == [0, 1] and mlflow.get_run(partial).info.status == "RUNNING"
     killed = mlflow.MlflowClient().create_run(mlflow.get_run(partial).info.experiment_id, tags={
         "mlflow.parentRunId": partial, tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: "2"})
@@ -83,7 +83,7 @@ def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(
     resumed = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", resume=True, hyper=FAST)
     assert resumed == partial
     assert mlflow.get_run(killed.info.run_id).info.status == "FAILED"
-    after = {k: r.info.run_id for k, r in fold_runs(partial).items()}
+    after = {k: r.info.run_id for k, r in tracking.fold_runs(partial).items()}
     assert sorted(after) == [0, 1, 2, 3, 4] and all(after[k] == done_before[k] for k in (0, 1))
     assert mlflow.get_run(partial).info.status == "FINISHED"
 

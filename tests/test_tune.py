@@ -14,9 +14,10 @@ import pytest
 from mlflow import MlflowClient
 
 from psydef import tracking
-from psydef.calibrate import EnsembleSpec, macro_f1
-from psydef.search import load_study
-from psydef.tune import load_oof, pick_train_runs, run_tune
+from psydef.calibration.rule import EnsembleSpec
+from psydef.calibration.score import macro_f1
+from psydef.calibration.study import load_study
+from psydef.stages.tune import load_oof, pick_train_runs, run_tune
 
 N_ROWS, N_DIALOGUES = 240, 40
 PRIOR = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100

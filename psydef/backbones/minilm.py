@@ -22,8 +22,8 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from tqdm.auto import tqdm
 
 from psydef.backbones.base import Backbone, EpochCallback
-from psydef.labels import N_LEVELS
-from psydef.losses import class_weighted_loss
+from psydef.core.labels import N_LEVELS
+from psydef.core.losses import class_weighted_loss
 
 HEAD_FILE = "head.safetensors"
 VOCAB_FILE = "tfidf.json"

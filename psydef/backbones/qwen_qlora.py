@@ -2,7 +2,7 @@
 
 The base model is loaded in 4-bit NF4 (double quantisation, bf16 compute on CUDA), LoRA adapters
 (r=128, alpha=256, dropout 0.1) sit on every attention and MLP projection and the ``score`` head is
-trained in full. The prompt (``psydef.prompt``) is fitted into 1,024 tokens by dropping the oldest
+trained in full. The prompt (``psydef.core.prompt``) is fitted into 1,024 tokens by dropping the oldest
 context turns, so the target utterance is never cut. Training: class-weighted cross-entropy with
 label smoothing, AdamW, cosine schedule with warm-up, batch 2 x 8 accumulation, gradient clipping,
 gradient checkpointing; the last epoch is kept. On CPU (tests) the same code runs in float32.
@@ -19,9 +19,9 @@ import torch
 from tqdm.auto import tqdm
 
 from psydef.backbones.base import Backbone, EpochCallback
-from psydef.labels import N_LEVELS
-from psydef.losses import class_weighted_loss
-from psydef.prompt import build_prompt
+from psydef.core.labels import N_LEVELS
+from psydef.core.losses import class_weighted_loss
+from psydef.core.prompt import build_prompt
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TO_MULTIPLE_OF = 8

@@ -11,9 +11,9 @@ from pathlib import Path
 import pandas as pd
 
 from psydef import tracking
-from psydef.augment import augment_minority
-from psydef.data import TABLE_COLUMNS, dataset_digest, read_split, records_to_table
-from psydef.folds import check_no_leakage, fold_table, leaked_dialogues
+from psydef.core.augment import augment_minority
+from psydef.core.data import TABLE_COLUMNS, dataset_digest, read_split, records_to_table
+from psydef.core.folds import check_no_leakage, fold_table, leaked_dialogues
 
 AUGMENTED_JSON = "augmented.json"
 CLASS_PLOT = "plots/class_distribution.png"
@@ -44,7 +44,7 @@ def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, grou
     """Validate, augment, fold and log one ``prepare`` run; returns what training needs."""
     import mlflow
 
-    from psydef.metrics import plot_class_distribution
+    from psydef.core.metrics import plot_class_distribution
 
     train, test = read_data_dir(data_dir)
     augmented = augment_minority(train, seed=seed, levels=augment_levels, k=augment_k)

@@ -1,8 +1,8 @@
-"""The Optuna study over the calibration's parameters (see :mod:`psydef.calibrate`).
+"""The Optuna study over the calibration's parameters (see :mod:`psydef.calibration.rule`).
 
 Search space: ``delta_c`` in ``[-delta_bound, delta_bound]`` for every level but 7 (``delta_7 = 0``:
 the argmax is unchanged by adding a constant to delta, so one entry is fixed), ``stick_1..stick_{m-1}``
-in [0, 1] mapped to the members' blend weights by :func:`psydef.calibrate.simplex_weights`, and
+in [0, 1] mapped to the members' blend weights by :func:`psydef.calibration.rule.simplex_weights`, and
 ``tau7`` in ``tau7_range`` when the gate is on. The objective is the official macro-F1 on the OOF rows.
 
 Trials are asked, scored and told in batches: every batch is scored in one vectorised numpy pass.
@@ -42,9 +42,10 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
-from psydef.calibrate import (CandidateScorer, EnsembleSpec, NestedEstimate, nested_cv_estimate, per_class_f1,
-                              simplex_weights)
-from psydef.labels import HIGH_ADAPTIVE, N_LEVELS
+from psydef.calibration.estimate import NestedEstimate, nested_cv_estimate
+from psydef.calibration.rule import EnsembleSpec, simplex_weights
+from psydef.calibration.score import CandidateScorer, per_class_f1
+from psydef.core.labels import HIGH_ADAPTIVE, N_LEVELS
 
 SAMPLERS = ("tpe", "cmaes", "random")
 DEFAULT_BATCH = {"tpe": 8, "random": 1024}  # cmaes: one generation (its population size)

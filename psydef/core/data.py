@@ -13,11 +13,13 @@ from typing import Any, Iterable
 
 import pandas as pd
 
-from psydef.labels import N_LEVELS
+from psydef.core.labels import N_LEVELS
 
 SPEAKERS = ("seeker", "supporter")
 RECORD_FIELDS = ("id", "dialogue_id", "dialogue", "current_text")
 TABLE_COLUMNS = (*RECORD_FIELDS, "label")
+# What the registered model takes, one row per utterance (``dialogue``: turns or their JSON string).
+INPUT_COLUMNS = ("id", "dialogue", "current_text")
 
 
 class DataError(ValueError):
@@ -111,3 +113,31 @@ def dataset_digest(table: pd.DataFrame) -> str:
         for r in table.itertuples(index=False)
     )
     return hashlib.sha256("\n".join(rows).encode("utf-8")).hexdigest()[:16]
+
+
+def example_input() -> pd.DataFrame:
+    """One utterance in the model's input format: the input example of the logged model and the
+    smoke test of ``promote``."""
+    reply = "Honestly it's fine, exams never mattered anyway."
+    dialogue = [{"speaker": "seeker", "text": "I failed my driving exam again."},
+                {"speaker": "supporter", "text": "I'm sorry. How are you feeling about it?"},
+                {"speaker": "seeker", "text": reply}]
+    return pd.DataFrame({"id": ["example_0"], "dialogue": [dialogue], "current_text": [reply]})
+
+
+def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
+    """The model's input as a validated data table; ``dialogue`` may be a list of turns or its JSON
+    string. Raises ``DataError`` naming the row id and the field at fault. (A missing column never
+    gets here: MLflow's signature enforcement refuses it first, naming the column.)"""
+    records = []
+    for i, (rid, dialogue, current_text) in enumerate(model_input.loc[:, list(INPUT_COLUMNS)].itertuples(index=False)):
+        if isinstance(dialogue, str):
+            try:
+                dialogue = json.loads(dialogue)
+            except json.JSONDecodeError as err:
+                raise DataError(f"model input: record {i} (id {rid!r}): field 'dialogue' is a string but not JSON "
+                                f"({err}); send the list of turns or its JSON encoding") from err
+        # The model never reads dialogue_id; each row stands for itself.
+        records.append({"id": rid, "dialogue_id": rid, "dialogue": dialogue, "current_text": current_text})
+    validate_records(records, source="model input", labelled=False)
+    return records_to_table(records, labelled=False)

@@ -18,56 +18,10 @@ import pandas as pd
 
 from psydef import tracking
 from psydef.backbones import backbone_class, resolve_backbone_name
-from psydef.calibrate import softmax
-from psydef.folds import check_no_leakage, split_fold
-from psydef.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
-from psydef.prepare import Prepared, load_prepared, run_prepare
-
-PARENT_RUN_ID = "mlflow.parentRunId"
-
-
-def _client():
-    from mlflow import MlflowClient
-
-    return MlflowClient()
-
-
-def fold_runs(parent_run_id: str) -> dict[int, object]:
-    """The newest complete fold run of each fold under a parent."""
-    runs = _client().search_runs(
-        [_client().get_run(parent_run_id).info.experiment_id],
-        filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{tracking.STAGE}` = '{tracking.FOLD_RUN}' "
-                      f"and tags.`{tracking.FOLD_STATUS}` = 'finished' and attributes.status = 'FINISHED'",
-        order_by=["attributes.start_time DESC"])
-    complete: dict[int, object] = {}
-    for run in runs:
-        complete.setdefault(int(run.data.tags[tracking.FOLD]), run)
-    return complete
-
-
-def _mark_stale_folds_failed(parent_run_id: str, fold: int | None = None) -> None:
-    """Fold runs left RUNNING by a killed process are marked FAILED before a resume (all of them), or
-    before fold ``fold`` is trained again (only that fold's: other folds may be training right now in
-    parallel jobs)."""
-    client = _client()
-    only_fold = "" if fold is None else f" and tags.`{tracking.FOLD}` = '{fold}'"
-    for run in client.search_runs([client.get_run(parent_run_id).info.experiment_id],
-                                  filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' "
-                                                "and attributes.status = 'RUNNING'" + only_fold):
-        client.set_terminated(run.info.run_id, "FAILED")
-
-
-def find_parent(seed: int, backbone: str, prepare_run_id: str) -> str | None:
-    """The latest train parent run of this seed, backbone and prepare run, if any."""
-    import mlflow
-
-    runs = mlflow.search_runs(
-        filter_string=f"tags.`{tracking.STAGE}` = '{tracking.TRAIN}' and tags.`{tracking.SEED}` = '{seed}' "
-                      f"and tags.`{tracking.BACKBONE}` = '{backbone}' "
-                      f"and tags.`{tracking.PREPARE_RUN_ID}` = '{prepare_run_id}'",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    return runs[0].info.run_id if runs else None
-
+from psydef.calibration.rule import softmax
+from psydef.core.folds import check_no_leakage, split_fold
+from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
+from psydef.stages.prepare import Prepared, load_prepared, run_prepare
 
 def _rows(prepared: Prepared) -> pd.DataFrame:
     """Every trainable row (real records and augmented variants) indexed by id."""
@@ -85,7 +39,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
     model = backbone_class(backbone)(**hyper)
     model.warm_up(pd.concat([rows, prepared.test]) if prepared.test is not None else rows)
     with mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k), PARENT_RUN_ID: parent_run_id,
+        mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k), tracking.PARENT_RUN_ID: parent_run_id,
                          tracking.SEED: str(seed), tracking.BACKBONE: backbone,
                          tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id})
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
@@ -118,7 +72,7 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
     import mlflow
 
     n_splits = int(prepared.folds["fold"].max()) + 1
-    folds = fold_runs(parent_run_id)
+    folds = tracking.fold_runs(parent_run_id)
     missing = sorted(set(range(n_splits)) - set(folds))
     if missing:
         raise ValueError(f"train run {parent_run_id}: folds {missing} are not complete; train them "
@@ -184,7 +138,7 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
     prepared = _prepared(data_dir, seed, prepare_run_id)
     if fold is not None and not 0 <= fold < _n_splits(prepared):
         raise ValueError(f"fold {fold} is out of range: the folds are 0..{_n_splits(prepared) - 1}")
-    parent_id = parent_run_id or find_parent(seed, name, prepare_run_id)
+    parent_id = parent_run_id or tracking.find_parent(seed, name, prepare_run_id)
     if parent_id is None:
         if resume:
             raise ValueError(f"nothing to resume: no train run for seed {seed}, backbone {name}, prepare run "
@@ -192,15 +146,15 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
         # Left RUNNING: the job that completes the last fold aggregates and ends it.
         from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID  # the experiment configure() set
 
-        parent_id = _client().create_run(MLFLOW_EXPERIMENT_ID.get(), run_name=f"train seed={seed} {name}").info.run_id
+        parent_id = tracking.client().create_run(MLFLOW_EXPERIMENT_ID.get(), run_name=f"train seed={seed} {name}").info.run_id
     _tag_parent(parent_id, prepared, seed, name, hyper)
-    _mark_stale_folds_failed(parent_id, fold)
-    todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in fold_runs(parent_id)]
+    tracking.mark_stale_folds_failed(parent_id, fold)
+    todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in tracking.fold_runs(parent_id)]
     for k in todo:
         train_fold(prepared, k, backbone=name, seed=seed, hyper=hyper, parent_run_id=parent_id)
-    if len(fold_runs(parent_id)) == _n_splits(prepared):
+    if len(tracking.fold_runs(parent_id)) == _n_splits(prepared):
         aggregate(parent_id, prepared)
-        _client().set_terminated(parent_id, "FINISHED")
+        tracking.client().set_terminated(parent_id, "FINISHED")
     return parent_id
 
 
@@ -227,7 +181,7 @@ def _prepared(data_dir, seed: int, prepare_run_id: str | None) -> Prepared:
 
 
 def _group_by(prepare_run_id: str) -> str:
-    return _client().get_run(prepare_run_id).data.params.get("group_by", "dialogue")
+    return tracking.client().get_run(prepare_run_id).data.params.get("group_by", "dialogue")
 
 
 def _n_splits(prepared: Prepared) -> int:
@@ -235,7 +189,7 @@ def _n_splits(prepared: Prepared) -> int:
 
 
 def _tag_parent(parent_id: str, prepared: Prepared, seed: int, backbone: str, hyper: dict) -> None:
-    client = _client()
+    client = tracking.client()
     for key, value in {tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
                        tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id}.items():
         client.set_tag(parent_id, key, value)

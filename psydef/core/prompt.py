@@ -10,11 +10,11 @@ from functools import lru_cache
 from itertools import accumulate
 from typing import Mapping, Sequence
 
-from psydef.labels import LEVELS
+from psydef.core.labels import LEVELS
 
 Turn = Mapping[str, str]  # {"text": ..., "speaker": "seeker" | "supporter"}
 
-# Our wording of what each level means; the mechanism names come from psydef.labels.
+# Our wording of what each level means; the mechanism names come from psydef.core.labels.
 _LEVEL_MEANINGS = {
     0: "the utterance shows no defensive process (greetings, thanks, plain facts or requests).",
     1: "conflict is discharged through action or withdrawal instead of reflection, or help is "

@@ -18,7 +18,7 @@ import pandas as pd
 from matplotlib.figure import Figure
 from sklearn.metrics import accuracy_score, confusion_matrix, f1_score, precision_recall_fscore_support
 
-from psydef.labels import ALL_LABELS, LABEL_NAMES, N_LEVELS, OFFICIAL_LABELS
+from psydef.core.labels import ALL_LABELS, LABEL_NAMES, N_LEVELS, OFFICIAL_LABELS
 
 ArrayLike = Sequence[int] | np.ndarray
 

@@ -6,7 +6,7 @@ from typing import Iterable
 import numpy as np
 import torch
 
-from psydef.labels import N_LEVELS
+from psydef.core.labels import N_LEVELS
 
 
 def inverse_sqrt_class_weights(labels: Iterable[int], n_classes: int = N_LEVELS) -> np.ndarray:

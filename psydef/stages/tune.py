@@ -2,9 +2,9 @@
 
 Nothing is trained or recomputed: each member's OOF ids and logits are downloaded from its ``train``
 parent run, the labels and dialogues of those ids from the ``folds.csv`` of its prepare run. The
-search and the honest estimate are :func:`psydef.search.calibrate_oof`'s; this module fetches,
+search and the honest estimate are :func:`psydef.calibration.study.calibrate_oof`'s; this module fetches,
 aligns, calls and logs the outcome in a ``tune`` run: the three OOF macro-F1s, the per-level F1,
-``ensemble.json`` (the :class:`~psydef.calibrate.EnsembleSpec`), the trials and the plots.
+``ensemble.json`` (the :class:`~psydef.calibration.rule.EnsembleSpec`), the trials and the plots.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ import numpy as np
 import pandas as pd
 
 from psydef import tracking
-from psydef.search import align_members, calibrate_oof
+from psydef.calibration.study import align_members, calibrate_oof
 
 
 @dataclass(frozen=True)
@@ -39,10 +39,7 @@ def pick_train_runs() -> list:
     from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
 
     experiment = mlflow.get_experiment(MLFLOW_EXPERIMENT_ID.get())
-    runs = mlflow.search_runs([experiment.experiment_id],
-                              filter_string=f"tags.`{tracking.STAGE}` = '{tracking.TRAIN}' "
-                                            "and attributes.status = 'FINISHED'",
-                              order_by=["attributes.start_time DESC"], output_format="list")
+    runs = tracking.finished_train_runs(experiment.experiment_id)
     if not runs:
         raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of {mlflow.get_tracking_uri()}: "
                          "train first, or pass train_runs=RUN_ID,RUN_ID")
@@ -180,7 +177,7 @@ def _log_artifacts(report, oof: OOFBundle) -> None:
     """ensemble.json (the spec, each member with its backbone), the trials table and the plots."""
     import mlflow
 
-    from psydef.metrics import plot_confusion_matrix
+    from psydef.core.metrics import plot_confusion_matrix
 
     spec = report.spec.to_dict()
     for member, backbone in zip(spec["members"], oof.backbones):

@@ -17,7 +17,7 @@ import pandas as pd
 from tqdm.auto import tqdm
 
 from psydef import tracking
-from psydef.data import dataset_digest, is_labelled, read_split
+from psydef.core.data import dataset_digest, is_labelled, read_split
 
 CHUNK_ROWS = 64  # rows per predict call: the progress bar's step
 
@@ -44,13 +44,13 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
     with the model at ``model_uri``; labels in the file are optional and only used for metrics."""
     import mlflow
 
-    from psydef.ensemble import INPUT_COLUMNS, PROB_COLUMNS
-    from psydef.metrics import evaluate, plot_confusion_matrix
-    from psydef.registry import resolve
+    from psydef.core.data import INPUT_COLUMNS
+    from psydef.core.labels import PROB_COLUMNS
+    from psydef.core.metrics import evaluate, plot_confusion_matrix
 
     path = split_path(data_path_or_dir)
     table = read_split(path)
-    loaded_uri = resolve(model_uri)
+    loaded_uri = tracking.resolve_model_uri(model_uri)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     with tracking.stage_run(tracking.PREDICT, f"predict {path.name}") as run:

@@ -5,11 +5,12 @@ from __future__ import annotations
 from pathlib import Path
 
 from psydef import tracking
-from psydef.predict import Predicted, run_predict
-from psydef.prepare import run_prepare
-from psydef.registry import PromotionRefused, promote, register
-from psydef.trainer import run_train
-from psydef.tune import run_tune
+from psydef.stages.predict import Predicted, run_predict
+from psydef.stages.prepare import run_prepare
+from psydef.stages.promote import PromotionRefused, promote
+from psydef.stages.register import register
+from psydef.stages.train import run_train
+from psydef.stages.tune import run_tune
 
 
 def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), backbone: str = "auto",

@@ -33,3 +33,5 @@ ALL_LABELS: tuple[int, ...] = tuple(range(N_LEVELS))
 # The official PsyDefDetect metric is macro-F1 over the defense levels 1..8: class 0 is excluded.
 OFFICIAL_LABELS: tuple[int, ...] = tuple(range(1, N_LEVELS))
 HIGH_ADAPTIVE = 7  # the majority level the confidence gate decides on
+# The model's output columns beside id and label: the calibrated probability of each level.
+PROB_COLUMNS: tuple[str, ...] = tuple(f"prob_{level}" for level in range(N_LEVELS))
