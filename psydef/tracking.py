@@ -2,10 +2,9 @@
 helpers that read and write them. Tracking code never does math."""
 from __future__ import annotations
 
-import json
 import os
-import re
 import tempfile
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 
@@ -22,10 +21,18 @@ BACKBONE = "psydef.backbone"
 DATA_DIGEST = "psydef.data_digest"
 PREPARE_RUN_ID = "psydef.prepare_run_id"
 FOLD = "psydef.fold"
-FOLD_STATUS = "psydef.fold_status"  # "finished" only once every fold artifact is logged
+FOLD_STATUS = "psydef.fold_status"  # FOLD_FINISHED only once every fold artifact is logged
+FOLD_FINISHED = "finished"
 MEMBER_RUN_IDS = "psydef.member_run_ids"  # a tune run's train runs, comma-separated, in ensemble order
 STUDY_NAME = "psydef.study_name"  # a tune run's Optuna study (in its storage param)
-PARENT_RUN_ID = "mlflow.parentRunId"  # MLflow's own tag on nested runs
+PIPELINE_TUNE_RUN_ID, PIPELINE_MODEL_VERSION = "psydef.tune_run_id", "psydef.model_version"  # on a pipeline run
+# MLflow's own tags
+PARENT_RUN_ID = "mlflow.parentRunId"  # on nested runs
+RUN_NAME = "mlflow.runName"
+NOTE = "mlflow.note.content"  # a run's description (the UI's Description box)
+# The UI opens an experiment of this kind on its training-runs table (untagged: the GenAI traces view)
+EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
+DATASET_CONTEXT, TRAINING = "mlflow.data.context", "training"  # a dataset input's role
 
 # Stages (values of the STAGE tag)
 PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
@@ -33,6 +40,8 @@ PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
 
 # Artifact paths
 FOLDS_CSV = "folds.csv"
+AUGMENTED_JSON = "augmented.json"  # the prepare run's variants, with their source ids
+CLASS_PLOT = "plots/class_distribution.png"
 OOF_IDS, OOF_LOGITS = "oof/ids.json", "oof/logits.npy"
 TEST_IDS, TEST_LOGITS, TEST_PROBS = "test/ids.json", "test/logits.npy", "test/probs.npy"
 ADAPTER_DIR = "adapter"
@@ -49,8 +58,6 @@ MODEL_NAME = "psydef-ensemble"
 PRODUCTION, PREVIOUS = "production", "previous"  # the champion and the one it replaced
 PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
 LEGACY_STAGE = "Production"
-# models:/<name>@<alias> or models:/<name>/<version>
-_REGISTRY_URI = re.compile(r"^models:/(?P<name>[^/@]+)(?:@(?P<alias>[^/@]+)|/(?P<version>\d+))$")
 
 # Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
 NESTED_F1, CALIBRATED_F1 = "oof_macro_f1_nested", "oof_macro_f1_calibrated"
@@ -71,9 +78,12 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     mlflow.set_tracking_uri(uri)
     active_run_id = os.environ.get("MLFLOW_RUN_ID")
     if active_run_id and not experiment:  # launched by `mlflow run`: its run names the experiment
-        return mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id).experiment_id
-    name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-    return mlflow.set_experiment(name).experiment_id
+        found = mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id)
+    else:
+        found = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+    if EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI stays
+        client().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT)
+    return found.experiment_id
 
 
 def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
@@ -117,10 +127,37 @@ def log_new_params(params: dict, run_id: str | None = None) -> None:
     mlflow.MlflowClient().log_batch(run_id, params=new)
 
 
-def log_json(obj, artifact_path: str) -> None:
+def describe(text: str, run_id: str | None = None) -> None:
+    """The run's description (default: the active run's), shown in the UI's run page and runs table."""
     import mlflow
 
-    mlflow.log_text(json.dumps(obj, indent=1), artifact_path)
+    client().set_tag(run_id or mlflow.active_run().info.run_id, NOTE, text)
+
+
+def log_dataset(table, path: str | Path, *, name: str, digest: str, context: str, targets: str | None = None) -> None:
+    """Log ``table`` (read from the file ``path``) as a dataset input of the active run."""
+    import mlflow
+    from mlflow.data.dataset_source_registry import resolve_dataset_source
+
+    with warnings.catch_warnings():
+        # MLflow registers the same local-file source twice (schemes "" and "file") and warns that it
+        # picked one; and it hints that integer columns cannot hold missing values, which only matters
+        # for a model's input schema, not for a dataset that is recorded.
+        warnings.filterwarnings("ignore", message="The specified dataset source can be interpreted in multiple ways")
+        warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
+        dataset = mlflow.data.from_pandas(table, source=resolve_dataset_source(str(path)), targets=targets,
+                                          name=name, digest=digest)
+        mlflow.log_input(dataset, context=context)
+
+
+def log_training_dataset(run_id: str, prepare_run_id: str) -> None:
+    """Log on ``run_id`` the training dataset input of the prepare run (same name, digest, source and
+    schema), so the runs table and the compare view show which data a run was trained on."""
+    from mlflow.entities import DatasetInput, InputTag
+
+    inputs = client().get_run(prepare_run_id).inputs.dataset_inputs
+    training = [i.dataset for i in inputs if {t.key: t.value for t in i.tags}.get(DATASET_CONTEXT) == TRAINING]
+    client().log_inputs(run_id, [DatasetInput(d, [InputTag(DATASET_CONTEXT, TRAINING)]) for d in training])
 
 
 def log_npy(array: np.ndarray, artifact_path: str) -> None:
@@ -132,10 +169,9 @@ def log_npy(array: np.ndarray, artifact_path: str) -> None:
         mlflow.log_artifact(str(Path(tmp) / name), artifact_path=directory or None)
 
 
-def load_json(run_id: str, artifact_path: str):
-    import mlflow
-
-    return json.loads(mlflow.artifacts.load_text(f"runs:/{run_id}/{artifact_path}"))
+def artifact_uri(run_id: str, artifact_path: str) -> str:
+    """The URI of a run's artifact, for ``mlflow.artifacts.load_dict`` and friends."""
+    return f"runs:/{run_id}/{artifact_path}"
 
 
 def load_npy(run_id: str, artifact_path: str) -> np.ndarray:
@@ -161,7 +197,7 @@ def fold_runs(parent_run_id: str) -> dict[int, object]:
     runs = client().search_runs(
         [client().get_run(parent_run_id).info.experiment_id],
         filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{STAGE}` = '{FOLD_RUN}' "
-                      f"and tags.`{FOLD_STATUS}` = 'finished' and attributes.status = 'FINISHED'",
+                      f"and tags.`{FOLD_STATUS}` = '{FOLD_FINISHED}' and attributes.status = 'FINISHED'",
         order_by=["attributes.start_time DESC"])
     complete: dict[int, object] = {}
     for run in runs:
@@ -227,26 +263,40 @@ def model_version(name: str, version: str | int | None):
         raise ValueError(f"registered model {name!r} has no version {version}") from err
 
 
-def resolve_model_uri(model_uri: str) -> str:
-    """``models:/name@alias`` or ``models:/name/version`` -> ``models:/name/version``, the version it
-    points to now, so a run can record exactly what it loaded; a clear ``ValueError`` if the model,
-    alias or version does not exist. Other URIs (``runs:/...``, paths) are returned as they are, once
-    they are seen to hold a model (an MLmodel file)."""
-    match = _REGISTRY_URI.match(model_uri)
-    if not match:
-        import mlflow
-        from mlflow.exceptions import MlflowException
+def describe_version(name: str, version: str | int, text: str) -> None:
+    """A model version's description, shown on the UI's model and version pages."""
+    client().update_model_version(name, str(version), description=text)
 
+
+def resolve_model_uri(model_uri: str) -> str:
+    """``models:/name@alias``, ``models:/name/version`` (or ``/stage``, ``/latest``) ->
+    ``models:/name/version``, the version it points to now, so a run can record exactly what it
+    loaded; a clear ``ValueError`` if the model, alias or version does not exist. Other URIs
+    (``runs:/...``, paths, ``models:/<logged model id>``) are returned as they are, once they are seen
+    to hold a model (an MLmodel file)."""
+    import mlflow
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.utils.models import _parse_model_uri, get_model_name_and_version
+    from mlflow.utils.uri import is_models_uri
+
+    try:
+        parsed = _parse_model_uri(model_uri) if is_models_uri(model_uri) else None
+    except MlflowException as err:
+        raise ValueError(err.message) from err
+    if parsed is None or parsed.name is None:
         try:
             mlflow.models.get_model_info(model_uri)
         except (MlflowException, OSError) as err:
             raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
         return model_uri
-    name, alias = match["name"], match["alias"]
-    if alias is None:
-        return f"models:/{name}/{model_version(name, match['version']).version}"
+    name, alias = parsed.name, parsed.alias
     aliases = registered_model(name).aliases
-    if alias not in aliases:
+    if alias is not None and alias not in aliases:
         raise ValueError(f"{model_uri} does not exist: model {name!r} has no alias {alias!r} (its aliases: "
                          f"{sorted(aliases) or 'none'}); promote a version with `psydef promote`")
-    return f"models:/{name}/{aliases[alias]}"
+    try:
+        _, version = get_model_name_and_version(client(), model_uri)
+    except MlflowException as err:
+        wanted = parsed.version or (f"in stage {parsed.stage!r}" if parsed.stage else "at all")
+        raise ValueError(f"{model_uri} does not exist: registered model {name!r} has no version {wanted}") from err
+    return f"models:/{name}/{version}"

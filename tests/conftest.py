@@ -202,7 +202,7 @@ def _registry_tune_run(spec, *, nested: float) -> str:
         mlflow.set_tag(tracking.STAGE, tracking.TUNE)
         mlflow.log_metrics({tracking.NESTED_F1: nested, tracking.CALIBRATED_F1: nested + 0.1})
         if spec is not None:
-            tracking.log_json(spec.to_dict(), tracking.ENSEMBLE_JSON)
+            mlflow.log_dict(spec.to_dict(), tracking.ENSEMBLE_JSON)
     return run.info.run_id
 
 
@@ -394,7 +394,7 @@ def assert_same_aggregate(run_id: str, reference_id: str) -> None:
     from psydef import tracking
 
     for ids, array in ((tracking.OOF_IDS, tracking.OOF_LOGITS), (tracking.TEST_IDS, tracking.TEST_PROBS)):
-        assert tracking.load_json(run_id, ids) == tracking.load_json(reference_id, ids)
+        assert mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, ids)) == mlflow.artifacts.load_dict(tracking.artifact_uri(reference_id, ids))
         got, expected = tracking.load_npy(run_id, array), tracking.load_npy(reference_id, array)
         assert got.dtype == expected.dtype and np.array_equal(got, expected), f"{array} differs"
     metrics = [{k: v for k, v in mlflow.get_run(r).data.metrics.items() if k.startswith("oof_")}

@@ -8,7 +8,7 @@ import pandas as pd
 import pytest
 
 from psydef import tracking
-from psydef.stages.prepare import AUGMENTED_JSON, load_prepared, run_prepare
+from psydef.stages.prepare import load_prepared, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -28,8 +28,8 @@ def test_prepare_logs_dataset_folds_variants_and_plot(data_dir, tracking_uri):
     assert run.data.metrics["leaked_dialogues"] == 0
     assert run.data.metrics["n_augmented"] == len(prepared.augmented) > 0
     assert run.data.params["seed"] == "7" and run.data.params["group_by"] == "dialogue"
-    assert {tracking.FOLDS_CSV, AUGMENTED_JSON, "plots"} <= _artifacts(prepared.run_id)
-    assert _artifacts(prepared.run_id, "plots") == {"plots/class_distribution.png"}
+    assert {tracking.FOLDS_CSV, tracking.AUGMENTED_JSON, "plots"} <= _artifacts(prepared.run_id)
+    assert _artifacts(prepared.run_id, "plots") == {tracking.CLASS_PLOT}
     datasets = {i.dataset.name: i.dataset.digest for i in run.inputs.dataset_inputs}
     assert datasets["psydefconv-train"] == prepared.digest and "psydefconv-test" in datasets
 

@@ -42,7 +42,7 @@ def _production() -> str:
 
 def _direct_decode(tune_run_id: str, rows):
     """Labels and probabilities decoded straight from ensemble.json and each member's fold adapters."""
-    spec = EnsembleSpec.from_dict(tracking.load_json(tune_run_id, tracking.ENSEMBLE_JSON))
+    spec = EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_run_id, tracking.ENSEMBLE_JSON)))
     client = MlflowClient()
     logits = []
     for run_id in spec.run_ids:
@@ -197,10 +197,11 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
     promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
     result = run_predict(data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path)
 
-    assert list(result.predictions["id"]) == tracking.load_json(train_id, tracking.TEST_IDS)
+    assert list(result.predictions["id"]) == mlflow.artifacts.load_dict(tracking.artifact_uri(train_id,
+                                                                                              tracking.TEST_IDS))
     probs = tracking.load_npy(train_id, tracking.TEST_PROBS)  # float32
     np.testing.assert_allclose(result.predictions[list(PROB_COLUMNS)].to_numpy(), probs, atol=1e-6)
-    spec = EnsembleSpec.from_dict(tracking.load_json(tune_id, tracking.ENSEMBLE_JSON))
+    spec = EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_id, tracking.ENSEMBLE_JSON)))
     np.testing.assert_array_equal(result.predictions["label"], spec.decode_logits([np.log(probs)]))
     assert json.loads(result.prediction_json.read_text()) == [
         {"id": i, "label": int(y)} for i, y in zip(result.predictions["id"], result.predictions["label"])]

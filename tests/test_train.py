@@ -13,7 +13,8 @@ FAST = {"epochs": 2, "steps_per_epoch": 5}  # the minilm head, a few full-batch 
 
 
 def _oof(run_id):
-    return tracking.load_json(run_id, tracking.OOF_IDS), tracking.load_npy(run_id, tracking.OOF_LOGITS)
+    return (mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, tracking.OOF_IDS)),
+            tracking.load_npy(run_id, tracking.OOF_LOGITS))
 
 
 def _artifacts(run_id, path=None):
@@ -65,7 +66,7 @@ def test_train_logs_fold_runs_and_parent_oof(data_dir, prepared, tmp_path):
     test_probs = tracking.load_npy(parent_id, tracking.TEST_PROBS)
     expected = np.mean([softmax(tracking.load_npy(r.info.run_id, tracking.TEST_LOGITS)) for r in folds.values()], axis=0)
     np.testing.assert_allclose(test_probs, expected, rtol=1e-6)
-    assert tracking.load_json(parent_id, tracking.TEST_IDS) == list(prepared.test["id"])
+    assert mlflow.artifacts.load_dict(tracking.artifact_uri(parent_id, tracking.TEST_IDS)) == list(prepared.test["id"])
 
 
 def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(data_dir, prepared):

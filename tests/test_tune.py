@@ -102,7 +102,7 @@ class Store:
 
 def decoded_f1(tune_run_id):
     """The calibrated OOF macro-F1 from ensemble.json alone (plus the members' logged OOF logits)."""
-    spec = EnsembleSpec.from_dict(tracking.load_json(tune_run_id, tracking.ENSEMBLE_JSON))
+    spec = EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_run_id, tracking.ENSEMBLE_JSON)))
     oof = load_oof(spec.run_ids)
     return macro_f1(oof.y, spec.decode_logits(oof.logits))
 
@@ -141,7 +141,7 @@ def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibra
     assert metrics["oof_macro_f1_calibrated"] == pytest.approx(np.mean([metrics[f"oof_f1_level_{c}"]
                                                                          for c in range(1, 9)]))
 
-    raw = tracking.load_json(tune_id, tracking.ENSEMBLE_JSON)
+    raw = mlflow.artifacts.load_dict(tracking.artifact_uri(tune_id, tracking.ENSEMBLE_JSON))
     assert [m["backbone"] for m in raw["members"]] == ["minilm", "minilm"]
     assert raw["data_digest"] == "digest-a" and raw["tau7"] is not None
     assert decoded_f1(tune_id) == metrics["oof_macro_f1_calibrated"]  # exactly

@@ -36,10 +36,16 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
         version = register(tune_run, name=model_name)
         try:
             promote(version.version, name=model_name)
+            promoted = "became production"
         except PromotionRefused as refused:
             print(f"main: {refused}; predicting with the current production model")
+            promoted = f"was not promoted ({refused})"
         predicted = run_predict(data_dir, model_uri=f"models:/{model_name}@{tracking.PRODUCTION}", out_dir=out_dir)
-        mlflow.set_tags({"psydef.tune_run_id": tune_run, "psydef.model_version": version.version})
+        mlflow.set_tags({tracking.PIPELINE_TUNE_RUN_ID: tune_run, tracking.PIPELINE_MODEL_VERSION: version.version})
+        tracking.describe(f"The whole chain on {data_dir}: prepare run {prepared.run_id}; train runs "
+                          f"{', '.join(train_runs)} (seeds {', '.join(map(str, seeds))}, backbone {backbone}); tune run "
+                          f"{tune_run}; version {version.version} of {model_name} {promoted}; predict run "
+                          f"{predicted.run_id} labelled {len(predicted.predictions)} records with {predicted.model_uri}.")
     print(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
           f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
     return predicted

@@ -56,9 +56,8 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
     with tracking.stage_run(tracking.PREDICT, f"predict {path.name}") as run:
         tracking.log_new_params({"data_dir": str(data_path_or_dir), "model_uri": model_uri, "out_dir": str(out_dir),
                                  "data": str(path), "loaded_model_uri": loaded_uri, "n_records": len(table)})
-        mlflow.log_input(mlflow.data.from_pandas(table.drop(columns="dialogue"), source=str(path),
-                                                 name=f"psydefconv-{path.stem}", digest=dataset_digest(table)),
-                         context="inference")
+        tracking.log_dataset(table.drop(columns="dialogue"), path, name=f"psydefconv-{path.stem}",
+                             digest=dataset_digest(table), context="inference")
         model = mlflow.pyfunc.load_model(loaded_uri)
         inputs = table.loc[:, list(INPUT_COLUMNS)]
         chunks = []
@@ -78,7 +77,7 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
             archive.write(prediction_json, arcname=tracking.PREDICTION_JSON)
         mlflow.log_artifact(str(prediction_json))
         mlflow.log_artifact(str(prediction_zip))
-        tracking.log_json(list(predictions["id"]), tracking.PREDICT_IDS)
+        mlflow.log_dict(list(predictions["id"]), tracking.PREDICT_IDS)
         tracking.log_npy(predictions[list(PROB_COLUMNS)].to_numpy(np.float32), tracking.PREDICT_PROBS)
 
         metrics = None
@@ -90,7 +89,9 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
                 plot = plot_confusion_matrix(y_true, y_pred, Path(tmp) / Path(tracking.CONFUSION_PLOT).name,
                                              title=f"{path.name}: macro-F1 (levels 1..8) = {metrics['macro_f1']:.3f}")
                 mlflow.log_artifact(str(plot), artifact_path=str(Path(tracking.CONFUSION_PLOT).parent))
-    score = f", macro-F1 (levels 1..8) {metrics['macro_f1']:.4f}" if metrics else ""
+        score = f", macro-F1 (levels 1..8) {metrics['macro_f1']:.4f}" if metrics else ""
+        tracking.describe(f"Labelled the {len(predictions)} records of {path} with {loaded_uri} (asked for "
+                          f"{model_uri}){score}. {tracking.PREDICTION_ZIP} is the CodaBench submission.")
     print(f"predict: {len(predictions)} predictions by {loaded_uri} written to {prediction_json.resolve()} "
           f"and {prediction_zip.resolve()}{score}; run {run.info.run_id}")
     return Predicted(run.info.run_id, loaded_uri, prediction_json, prediction_zip, predictions, metrics)

@@ -15,8 +15,6 @@ from psydef.core.augment import augment_minority
 from psydef.core.data import TABLE_COLUMNS, dataset_digest, read_split, records_to_table
 from psydef.core.folds import check_no_leakage, fold_table, leaked_dialogues
 
-AUGMENTED_JSON = "augmented.json"
-CLASS_PLOT = "plots/class_distribution.png"
 
 
 @dataclass(frozen=True)
@@ -53,14 +51,11 @@ def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, grou
     digest = dataset_digest(train)
 
     with tracking.stage_run(tracking.PREPARE, f"prepare seed={seed}", {tracking.DATA_DIGEST: digest}) as run:
-        mlflow.log_input(mlflow.data.from_pandas(train.drop(columns="dialogue"), source=str(Path(data_dir) / "train.json"),
-                                                 targets="label", name="psydefconv-train", digest=digest),
-                         context="training")
+        tracking.log_dataset(train.drop(columns="dialogue"), Path(data_dir) / "train.json", targets="label",
+                             name="psydefconv-train", digest=digest, context=tracking.TRAINING)
         if test is not None:
-            mlflow.log_input(mlflow.data.from_pandas(test.drop(columns=["dialogue", "label"]),
-                                                     source=str(Path(data_dir) / "test.json"),
-                                                     name="psydefconv-test", digest=dataset_digest(test)),
-                             context="test")
+            tracking.log_dataset(test.drop(columns=["dialogue", "label"]), Path(data_dir) / "test.json",
+                                 name="psydefconv-test", digest=dataset_digest(test), context="test")
         tracking.log_new_params({"data_dir": str(data_dir), "seed": seed, "n_splits": n_splits, "group_by": group_by,
                                  "augment_levels": ",".join(map(str, augment_levels)), "augment_k": augment_k})
         mlflow.log_metrics({"n_records": len(train), "n_dialogues": train["dialogue_id"].nunique(),
@@ -71,13 +66,18 @@ def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, grou
         with tempfile.TemporaryDirectory() as tmp:
             folds.to_csv(Path(tmp) / tracking.FOLDS_CSV, index=False)
             mlflow.log_artifact(str(Path(tmp) / tracking.FOLDS_CSV))
-            plot = plot_class_distribution(train["label"], Path(tmp) / "class_distribution.png",
+            plot = plot_class_distribution(train["label"], Path(tmp) / Path(tracking.CLASS_PLOT).name,
                                            augmented_labels=augmented["label"])
-            mlflow.log_artifact(str(plot), artifact_path="plots")
-        tracking.log_json(augmented.to_dict(orient="records"), AUGMENTED_JSON)
+            mlflow.log_artifact(str(plot), artifact_path=str(Path(tracking.CLASS_PLOT).parent))
+        mlflow.log_dict(augmented.to_dict(orient="records"), tracking.AUGMENTED_JSON)
         print(f"prepare: {len(train)} records, {train['dialogue_id'].nunique()} dialogues, "
               f"{len(augmented)} augmented variants, {n_splits} folds by {group_by}, "
               f"{leaked_dialogues(folds)} dialogues in more than one fold; run {run.info.run_id}")
+        tracking.describe(f"Validated {len(train)} labelled records from {train['dialogue_id'].nunique()} dialogues of "
+                          f"{data_dir} (data digest {digest}); {len(augmented)} augmented variants of levels "
+                          f"{', '.join(map(str, augment_levels))}; {n_splits} folds grouped by {group_by}, "
+                          f"{leaked_dialogues(folds)} dialogues split across folds. Train runs read "
+                          f"{tracking.FOLDS_CSV} and {tracking.AUGMENTED_JSON} from this run.")
     return Prepared(run.info.run_id, train, augmented, folds, test, digest)
 
 
@@ -97,9 +97,10 @@ def load_prepared(run_id: str, data_dir: str | Path) -> Prepared:
         with tempfile.TemporaryDirectory() as tmp:
             folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.FOLDS_CSV,
                                                                      dst_path=tmp), dtype={"id": str, "source_id": str})
-        augmented = records_to_table_with_source(tracking.load_json(run_id, AUGMENTED_JSON))
+        augmented = records_to_table_with_source(
+            mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, tracking.AUGMENTED_JSON)))
     except (MlflowException, OSError) as err:
-        raise ValueError(f"prepare run {run_id} has no {tracking.FOLDS_CSV} or {AUGMENTED_JSON}: "
+        raise ValueError(f"prepare run {run_id} has no {tracking.FOLDS_CSV} or {tracking.AUGMENTED_JSON}: "
                          "it did not finish; run prepare again") from err
     return Prepared(run_id, train, augmented, folds, test, digest)
 

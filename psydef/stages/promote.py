@@ -63,9 +63,11 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
             new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))
             mlflow.log_metrics({f"challenger_{tracking.NESTED_F1}": new, f"champion_{tracking.NESTED_F1}": old})
             if new < old:
-                raise PromotionRefused(f"version {number} has {tracking.NESTED_F1} {new:.6g}, below {old:.6g} of "
-                                       f"production version {champion}: not promoted (pass --force to promote "
-                                       "it anyway)")
+                refused = PromotionRefused(f"version {number} has {tracking.NESTED_F1} {new:.6g}, below {old:.6g} of "
+                                           f"production version {champion}: not promoted (pass --force to promote "
+                                           "it anyway)")
+                tracking.describe(f"Refused: {refused}.")
+                raise refused
         if legacy_stage:
             client.transition_model_version_stage(name, number, tracking.LEGACY_STAGE,
                                                   archive_existing_versions=True)
@@ -73,7 +75,11 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
             if champion is not None:
                 client.set_registered_model_alias(name, tracking.PREVIOUS, champion)
             client.set_registered_model_alias(name, tracking.PRODUCTION, number)
-    print(f"promote: {name} version {number} is {tracking.PRODUCTION}"
-          + (f" (was version {champion}, now {tracking.PREVIOUS})" if moves and champion else "")
-          + ("" if moves else " already"))
+        outcome = (f"is {tracking.PRODUCTION}"
+                   + (f" (was version {champion}, now {tracking.PREVIOUS})" if moves and champion else "")
+                   + ("" if moves else " already"))
+        tracking.describe(f"Version {number} of {name} {outcome}: it loaded and predicted on the built-in example"
+                          + ("" if force or not champion or not moves else
+                             f", and its {tracking.NESTED_F1} is not below the champion's") + ".")
+    print(f"promote: {name} version {number} {outcome}")
     return client.get_model_version(name, number)

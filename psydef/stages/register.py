@@ -12,10 +12,12 @@ from psydef.calibration.rule import EnsembleSpec
 
 
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return EnsembleSpec.from_dict(tracking.load_json(tune_run_id, tracking.ENSEMBLE_JSON))
+        return EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_run_id,
+                                                                                         tracking.ENSEMBLE_JSON)))
     except (MlflowException, OSError) as err:
         raise ValueError(f"tune run {tune_run_id} has no {tracking.ENSEMBLE_JSON}: it did not finish; "
                          "run tune again and register its run") from err
@@ -52,6 +54,19 @@ def _one(values: set, what: str, spec: EnsembleSpec) -> str:
     return values.pop()
 
 
+def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int) -> str:
+    """What a version is, in one paragraph: members, backbone, decision rule, scores."""
+    calibrated = any(spec.delta) or spec.tau7 is not None
+    rule = (f"calibrated rule: per-level biases delta, level-7 gate tau7 "
+            f"{'off' if spec.tau7 is None else f'{spec.tau7:.3f}'}" if calibrated else "plain argmax of the blend")
+    listed = ", ".join(f"{m.info.run_id} (seed {m.data.tags.get(tracking.SEED)}, weight {w:.3f})"
+                       for m, w in zip(members, spec.weights))
+    return (f"Ensemble of {len(members)} member(s), backbone {tags[tracking.V_BACKBONE]}: {listed}; {n_adapters} fold "
+            f"adapters. {rule[0].upper() + rule[1:]}, tuned in tune run {tags[tracking.V_TUNE_RUN_ID]}. OOF macro-F1 "
+            f"(levels 1..8): nested (honest) {float(tags[tracking.NESTED_F1]):.4f}, which the promote gate compares; "
+            f"calibrated (in-sample) {float(tags[tracking.CALIBRATED_F1]):.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
+
+
 def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     """Log the ensemble of a tune run as a pyfunc (in a ``register`` run) and register it as a new
     version of ``name``; returns the ``ModelVersion``."""
@@ -82,6 +97,9 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
                                      "n_adapters": sum(map(len, adapter_dirs))})
             info = log_ensemble_model(spec, adapter_dirs)
             version = mlflow.register_model(info.model_uri, name, tags=tags)
+            text = _description(spec, members, tags, sum(map(len, adapter_dirs)))
+            tracking.describe_version(name, version.version, text)
+            tracking.describe(f"Version {version.version} of {name}: {text}")
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
           f"({tracking.NESTED_F1} {tags[tracking.NESTED_F1]}); register run {run.info.run_id}")
     return version

@@ -55,14 +55,14 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
             print(f"fold {k} epoch {epoch}: " + ", ".join(f"{n} {v:.4f}" for n, v in metrics.items()))
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch)
-        tracking.log_json(list(valid_rows["id"]), tracking.OOF_IDS)
+        mlflow.log_dict(list(valid_rows["id"]), tracking.OOF_IDS)
         tracking.log_npy(model.predict_logits(valid_rows), tracking.OOF_LOGITS)
         if prepared.test is not None:
-            tracking.log_json(list(prepared.test["id"]), tracking.TEST_IDS)
+            mlflow.log_dict(list(prepared.test["id"]), tracking.TEST_IDS)
             tracking.log_npy(model.predict_logits(prepared.test), tracking.TEST_LOGITS)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifacts(str(model.save(Path(tmp) / "adapter")), tracking.ADAPTER_DIR)
-        mlflow.set_tag(tracking.FOLD_STATUS, "finished")
+        mlflow.set_tag(tracking.FOLD_STATUS, tracking.FOLD_FINISHED)
     return run.info.run_id
 
 
@@ -77,7 +77,8 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
     if missing:
         raise ValueError(f"train run {parent_run_id}: folds {missing} are not complete; train them "
                          "(-P fold=k, or -P resume=true) before aggregating")
-    ids = [i for k in range(n_splits) for i in tracking.load_json(folds[k].info.run_id, tracking.OOF_IDS)]
+    ids = [i for k in range(n_splits)
+           for i in mlflow.artifacts.load_dict(tracking.artifact_uri(folds[k].info.run_id, tracking.OOF_IDS))]
     logits = np.concatenate([tracking.load_npy(folds[k].info.run_id, tracking.OOF_LOGITS) for k in range(n_splits)])
     real_ids = set(prepared.train["id"])
     if len(ids) != len(real_ids) or set(ids) != real_ids:
@@ -90,13 +91,13 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
     active = mlflow.active_run()
     reopen = active is None or active.info.run_id != parent_run_id  # a fold job aggregating another's parent
     with mlflow.start_run(run_id=parent_run_id, nested=active is not None) if reopen else nullcontext():
-        tracking.log_json(ids, tracking.OOF_IDS)
+        mlflow.log_dict(ids, tracking.OOF_IDS)
         tracking.log_npy(logits, tracking.OOF_LOGITS)
         if prepared.test is not None:
-            test_ids = tracking.load_json(folds[0].info.run_id, tracking.TEST_IDS)
+            test_ids = mlflow.artifacts.load_dict(tracking.artifact_uri(folds[0].info.run_id, tracking.TEST_IDS))
             probs = np.mean([softmax(tracking.load_npy(folds[k].info.run_id, tracking.TEST_LOGITS))
                              for k in range(n_splits)], axis=0).astype(np.float32)
-            tracking.log_json(test_ids, tracking.TEST_IDS)
+            mlflow.log_dict(test_ids, tracking.TEST_IDS)
             tracking.log_npy(probs, tracking.TEST_PROBS)
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -104,8 +105,13 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
                                   title=f"OOF confusion matrix (macro-F1 1..8 = {scores['macro_f1']:.3f})")
             plot_per_class_f1(y, logits.argmax(1), Path(tmp) / "per_class_f1.png")
             mlflow.log_artifacts(tmp, "plots")
-    print(f"train {parent_run_id}: OOF macro-F1 (levels 1..8) {metrics['oof_macro_f1']:.4f}, "
-          f"macro-F1 (0..8) {metrics['oof_macro_f1_all']:.4f}, accuracy {metrics['oof_accuracy']:.4f}")
+    summary = (f"OOF macro-F1 (levels 1..8) {metrics['oof_macro_f1']:.4f}, macro-F1 (0..8) "
+               f"{metrics['oof_macro_f1_all']:.4f}, accuracy {metrics['oof_accuracy']:.4f}")
+    tags = tracking.client().get_run(parent_run_id).data.tags
+    tracking.describe(f"Seed {tags.get(tracking.SEED)}, backbone {tags.get(tracking.BACKBONE)}: {n_splits} fold runs "
+                      f"on the folds of prepare run {prepared.run_id} (data digest {prepared.digest}). {summary}. "
+                      f"{tracking.OOF_LOGITS} holds the out-of-fold logits that tune calibrates.", parent_run_id)
+    print(f"train {parent_run_id}: {summary}")
     return metrics
 
 
@@ -124,7 +130,7 @@ def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | Non
     if fold is None and not resume:
         with tracking.stage_run(tracking.TRAIN, f"train seed={seed}") as parent:
             name = _resolve(backbone, hyper, model)  # bad input leaves this run FAILED, with nothing logged
-            mlflow.set_tag("mlflow.runName", f"train seed={seed} {name}")
+            mlflow.set_tag(tracking.RUN_NAME, f"train seed={seed} {name}")
             prepared = _prepared(data_dir, seed, prepare_run_id)
             _tag_parent(parent.info.run_id, prepared, seed, name, hyper)
             for k in range(_n_splits(prepared)):
@@ -193,4 +199,6 @@ def _tag_parent(parent_id: str, prepared: Prepared, seed: int, backbone: str, hy
     for key, value in {tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
                        tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id}.items():
         client.set_tag(parent_id, key, value)
-    tracking.log_new_params({"seed": seed, "backbone": backbone, **hyper}, parent_id)
+    # Every hyper-parameter, defaults included, so the compare view shows what differs between two runs
+    tracking.log_new_params({"seed": seed, "backbone": backbone, **backbone_class(backbone)(**hyper).config()}, parent_id)
+    tracking.log_training_dataset(parent_id, prepared.run_id)

@@ -67,12 +67,15 @@ def _train_run(run_id: str):
     return run
 
 
-def _download(run_id: str, artifact_path: str, load):
-    """``load(run_id, artifact_path)``, or None when the run has no such artifact."""
+def _download(run_id: str, artifact_path: str):
+    """A run's JSON or ``.npy`` artifact, or None when the run has no such artifact."""
+    import mlflow
     from mlflow.exceptions import MlflowException
 
     try:
-        return load(run_id, artifact_path)
+        if artifact_path.endswith(".npy"):
+            return tracking.load_npy(run_id, artifact_path)
+        return mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, artifact_path))
     except (MlflowException, OSError):
         return None
 
@@ -107,8 +110,8 @@ def load_oof(run_ids: list[str]) -> OOFBundle:
     if len(set(digests.values())) != 1:
         raise ValueError("the train runs were trained on different data (tag "
                          f"{tracking.DATA_DIGEST}): {digests}; calibrate runs of one data digest")
-    ids, logits = align_members([(run_id, _download(run_id, tracking.OOF_IDS, tracking.load_json) or [],
-                                  _download(run_id, tracking.OOF_LOGITS, tracking.load_npy)) for run_id in run_ids])
+    ids, logits = align_members([(run_id, _download(run_id, tracking.OOF_IDS) or [],
+                                  _download(run_id, tracking.OOF_LOGITS)) for run_id in run_ids])
     # Same digest: every member's prepare run holds the same records, so the first one's labels serve all.
     prepare_run_id = runs[0].data.tags.get(tracking.PREPARE_RUN_ID, "")
     records = _real_records(prepare_run_id, run_ids[0])
@@ -167,6 +170,14 @@ def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampl
             optuna.logging.set_verbosity(verbosity)
         mlflow.log_metrics(report.metrics())
         _log_artifacts(report, oof)
+        tracking.describe(
+            f"Calibrated the ensemble of {len(run_ids)} train run(s) ({', '.join(run_ids)}; backbone {backbone}, data "
+            f"digest {oof.data_digest}) on their {len(oof.ids)} OOF rows from {n_dialogues} dialogues: {n_trials} "
+            f"{sampler} trials over the blend weights, the per-level biases"
+            + (" and the level-7 gate" if gate else " (no level-7 gate)")
+            + f". OOF macro-F1 (levels 1..8): raw (equal weights, plain argmax) {report.oof_macro_f1_raw:.4f}, "
+            f"calibrated (in-sample) {report.oof_macro_f1_calibrated:.4f}, nested (honest, {inner_trials} trials per "
+            f"outer fold) {report.oof_macro_f1_nested:.4f}. {tracking.ENSEMBLE_JSON} holds the rule register packages.")
     print(f"tune: OOF macro-F1 (levels 1..8) raw {report.oof_macro_f1_raw:.4f}, calibrated (in-sample) "
           f"{report.oof_macro_f1_calibrated:.4f}, nested (honest) {report.oof_macro_f1_nested:.4f}; "
           f"tune run {run.info.run_id}")
@@ -194,4 +205,4 @@ def _log_artifacts(report, oof: OOFBundle) -> None:
                               title=f"Calibrated OOF confusion matrix (macro-F1 1..8 = "
                                     f"{report.oof_macro_f1_calibrated:.3f})")
         mlflow.log_artifacts(str(tmp))
-    tracking.log_json(spec, tracking.ENSEMBLE_JSON)  # last: a tune run with ensemble.json is complete
+    mlflow.log_dict(spec, tracking.ENSEMBLE_JSON)  # last: a tune run with ensemble.json is complete
