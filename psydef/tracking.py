@@ -86,6 +86,13 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     return found.experiment_id
 
 
+def ui_runs_url(server: str, experiment_id: str) -> str:
+    """The experiment's training-runs table in the MLflow UI at ``server``. MLflow 3.17's UI opens an
+    experiment in the GenAI view (traces) unless the link or the browser's last choice says
+    ``workflowType=machine_learning``; it does not read the experiment's kind tag for that."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
 def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
     """The run ``run_id``, checked to be a ``stage`` run when a stage is given; a ValueError that
     names the run (and the tracking store) otherwise. ``what`` names the run in that message."""
@@ -102,6 +109,23 @@ def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
         hint = " (a fold run: pass its parent train run)" if found == FOLD_RUN else ""
         raise ValueError(f"run {run_id} is not a {stage} run (tag {STAGE}={found!r}){hint}")
     return run
+
+
+def train_tags(seed: int, backbone: str, data_digest: str, prepare_run_id: str) -> dict[str, str]:
+    """The tags of a train parent run: what tune, register and a resume look it up by."""
+    return {STAGE: TRAIN, SEED: str(seed), BACKBONE: backbone, DATA_DIGEST: data_digest, PREPARE_RUN_ID: prepare_run_id}
+
+
+def fold_tags(parent_run_id: str, fold: int, **train: object) -> dict[str, str]:
+    """The tags of fold run ``fold`` under a train parent (``train``: :func:`train_tags`' arguments)."""
+    return {**train_tags(**train), STAGE: FOLD_RUN, FOLD: str(fold), PARENT_RUN_ID: parent_run_id}
+
+
+def complete_fold() -> None:
+    """Mark the active fold run complete: called after its last artifact is logged."""
+    import mlflow
+
+    mlflow.set_tag(FOLD_STATUS, FOLD_FINISHED)
 
 
 @contextmanager

@@ -12,7 +12,7 @@ from mlflow import MlflowClient
 
 from entrypoints.cli import cli
 from psydef import tracking
-from tests.test_tune import Store
+from tests.fixtures.fake_runs import Store
 
 # A defect of an official-format split file: (change the file given its path and records, the message).
 # Record 3 exists in both splits of the ``data_dir`` fixture (60 train records, 8 test records).

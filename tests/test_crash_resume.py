@@ -3,7 +3,7 @@ folds are trained again, and the result is bit-identical to an uninterrupted run
 import mlflow
 
 from psydef import tracking
-from tests.conftest import JOB_HYPER, assert_same_aggregate, fold_runs_of, train_parents
+from tests.fixtures.jobs import JOB_HYPER, assert_same_aggregate, fold_runs_of, train_parents
 
 SEED = 7
 # ~400 full-batch steps per fold: a fold runs for a second or more, long enough to be caught running.

@@ -3,7 +3,7 @@ import json
 import pytest
 
 from psydef.core.data import DataError, dataset_digest, read_split, records_to_table, validate_records
-from tests.conftest import official_records
+from tests.fixtures.records import official_records
 
 
 def write(tmp_path, content) -> str:

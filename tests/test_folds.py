@@ -5,7 +5,7 @@ from psydef.core.augment import augment_minority
 from psydef.core.data import records_to_table
 from psydef.core.folds import (assign_folds, check_no_leakage, fold_table, leaked_dialogues, leaked_sources,
                           split_fold)
-from tests.conftest import official_records
+from tests.fixtures.records import official_records
 
 
 @pytest.fixture

@@ -9,7 +9,7 @@ from mlflow import MlflowClient
 
 from entrypoints.aggregate import aggregate
 from psydef import tracking
-from tests.conftest import assert_same_aggregate, fold_runs_of, train_parents
+from tests.fixtures.jobs import assert_same_aggregate, fold_runs_of, train_parents
 
 SEED = 7
 N_SPLITS = 5

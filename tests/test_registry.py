@@ -25,7 +25,7 @@ from psydef.stages import promote as promote_stage, register as register_stage
 from psydef.backbones import load_adapter
 from psydef.calibration.rule import EnsembleSpec, blend, softmax
 from psydef.core.labels import PROB_COLUMNS
-from tests.conftest import ensemble_rows
+from tests.fixtures.records import ensemble_rows
 
 NAME = tracking.MODEL_NAME
 

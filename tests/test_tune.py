@@ -1,5 +1,4 @@
 """The tune stage against fake train parent runs and a fake prepare run in a temporary SQLite store."""
-import json
 import os
 import shutil
 import subprocess
@@ -18,9 +17,8 @@ from psydef.calibration.rule import EnsembleSpec
 from psydef.calibration.score import macro_f1
 from psydef.calibration.study import load_study
 from psydef.stages.tune import load_oof, pick_train_runs, run_tune
+from tests.fixtures.fake_runs import Store
 
-N_ROWS, N_DIALOGUES = 240, 40
-PRIOR = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(n_trials=40, sampler="random", inner_trials=16)
 
@@ -43,61 +41,6 @@ def store(tmp_path, monkeypatch, empty_db):
     monkeypatch.delenv("MLFLOW_RUN_ID", raising=False)
     MlflowClient(uri).create_experiment("tune-test", artifact_location=str(tmp_path / "artifacts"))
     return Store(tmp_path, tracking.configure())
-
-
-class Store:
-    """Fake prepare and train runs, created with explicit start times."""
-
-    def __init__(self, tmp_path, experiment_id):
-        self.tmp_path, self.experiment_id = tmp_path, experiment_id
-        self.client = MlflowClient()
-        self.clock = 1_700_000_000_000
-        rng = np.random.default_rng(0)
-        self.ids = [f"rec_{i:04d}" for i in range(N_ROWS)]
-        self.dialogues = np.array([f"dlg_{i % N_DIALOGUES:03d}" for i in range(N_ROWS)])
-        self.y = rng.choice(9, size=N_ROWS, p=PRIOR)
-        self.rng = rng
-
-    def _run(self, tags, status="FINISHED", artifacts=None):
-        self.clock += 1000
-        run_id = self.client.create_run(self.experiment_id, start_time=self.clock, tags=tags).info.run_id
-        with tempfile.TemporaryDirectory() as tmp:
-            for path, content in (artifacts or {}).items():
-                local = Path(tmp) / path
-                local.parent.mkdir(parents=True, exist_ok=True)
-                if isinstance(content, np.ndarray):
-                    np.save(local, content)
-                else:
-                    local.write_text(content)
-            if artifacts:
-                self.client.log_artifacts(run_id, tmp)
-        if status != "RUNNING":
-            self.client.set_terminated(run_id, status, end_time=self.clock + 500)
-        return run_id
-
-    def prepare(self, digest="digest-a"):
-        real = pd.DataFrame({"id": self.ids, "dialogue_id": self.dialogues, "label": self.y,
-                             "fold": np.arange(N_ROWS) % 5, "source_id": self.ids, "is_augmented": False})
-        augmented = real.head(10).assign(id=[f"aug_{i}" for i in range(10)], is_augmented=True)
-        folds = pd.concat([real, augmented]).to_csv(index=False)
-        return self._run({tracking.STAGE: tracking.PREPARE, tracking.DATA_DIGEST: digest},
-                         artifacts={tracking.FOLDS_CSV: folds})
-
-    def train(self, prepare_run_id, seed, *, digest="digest-a", backbone="minilm", status="FINISHED",
-              ids=None, logits=True):
-        """A train parent whose OOF logits favour the true level, rows in a shuffled order."""
-        ids = list(self.ids if ids is None else ids)
-        order = self.rng.permutation(len(ids))
-        y = pd.Series(self.y, index=self.ids).reindex(ids).fillna(7).to_numpy(dtype=int)
-        member_logits = 1.5 * np.eye(9)[y] + np.log(PRIOR) + self.rng.normal(size=(len(ids), 9))
-        artifacts = {tracking.OOF_IDS: json.dumps([ids[i] for i in order]),
-                     tracking.OOF_LOGITS: member_logits[order].astype(np.float32)} if logits else {}
-        return self._run({tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
-                          tracking.DATA_DIGEST: digest, tracking.PREPARE_RUN_ID: prepare_run_id},
-                         status=status, artifacts=artifacts)
-
-    def tune_runs(self):
-        return self.client.search_runs([self.experiment_id], f"tags.`{tracking.STAGE}` = '{tracking.TUNE}'")
 
 
 def decoded_f1(tune_run_id):

@@ -48,4 +48,8 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
                           f"{predicted.run_id} labelled {len(predicted.predictions)} records with {predicted.model_uri}.")
     print(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
           f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
+    uri = mlflow.get_tracking_uri()
+    served = uri.startswith(("http://", "https://"))
+    print(f"main: the runs in the MLflow UI: {tracking.ui_runs_url(uri if served else 'http://127.0.0.1:5000', run.info.experiment_id)}"
+          + ("" if served else f" once mlruns_config/start_server.sh serves {uri}"))
     return predicted

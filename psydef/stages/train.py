@@ -39,9 +39,8 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
     model = backbone_class(backbone)(**hyper)
     model.warm_up(pd.concat([rows, prepared.test]) if prepared.test is not None else rows)
     with mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run:
-        mlflow.set_tags({tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: str(k), tracking.PARENT_RUN_ID: parent_run_id,
-                         tracking.SEED: str(seed), tracking.BACKBONE: backbone,
-                         tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id})
+        mlflow.set_tags(tracking.fold_tags(parent_run_id, k, seed=seed, backbone=backbone,
+                                           data_digest=prepared.digest, prepare_run_id=prepared.run_id))
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
                            "n_valid_rows": len(valid_rows)})
         y_valid = valid_rows["label"].to_numpy()
@@ -62,7 +61,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
             tracking.log_npy(model.predict_logits(prepared.test), tracking.TEST_LOGITS)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifacts(str(model.save(Path(tmp) / "adapter")), tracking.ADAPTER_DIR)
-        mlflow.set_tag(tracking.FOLD_STATUS, tracking.FOLD_FINISHED)
+        tracking.complete_fold()
     return run.info.run_id
 
 
@@ -196,8 +195,7 @@ def _n_splits(prepared: Prepared) -> int:
 
 def _tag_parent(parent_id: str, prepared: Prepared, seed: int, backbone: str, hyper: dict) -> None:
     client = tracking.client()
-    for key, value in {tracking.STAGE: tracking.TRAIN, tracking.SEED: str(seed), tracking.BACKBONE: backbone,
-                       tracking.DATA_DIGEST: prepared.digest, tracking.PREPARE_RUN_ID: prepared.run_id}.items():
+    for key, value in tracking.train_tags(seed, backbone, prepared.digest, prepared.run_id).items():
         client.set_tag(parent_id, key, value)
     # Every hyper-parameter, defaults included, so the compare view shows what differs between two runs
     tracking.log_new_params({"seed": seed, "backbone": backbone, **backbone_class(backbone)(**hyper).config()}, parent_id)

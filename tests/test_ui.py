@@ -1,0 +1,127 @@
+"""The MLflow UI shows the work: a small chain (prepare, two train runs that differ in one
+hyper-parameter, tune, register, promote) in a temporary store, served by a real ``mlflow server`` on
+a free loopback port, rendered by headless Chromium (``--dump-dom`` after a ``--virtual-time-budget``).
+
+Asserted on the rendered pages: the experiment's runs table lists the train runs and their dataset,
+a train run's page shows its description, the compare page shows the params that differ, the model
+version page shows the version's description and the ``production`` alias. Screenshots of each page
+are saved in the test's temporary folder (its path is printed). Skips when Chromium is absent
+(Debian: ``apt-get install chromium``)."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import urllib.parse
+from html.parser import HTMLParser
+from pathlib import Path
+
+import pytest
+
+from psydef import tracking
+from tests.fixtures.jobs import JOB_HYPER
+from tests.fixtures.server import mlflow_server
+
+CHROMIUM = next(filter(None, map(shutil.which, ("chromium", "chromium-browser", "google-chrome"))), None)
+pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not installed (apt-get install chromium)")
+# Virtual time stands still while requests are pending: the budget only has to cover the UI's own timers.
+VIRTUAL_TIME_MS = 20000
+PAGE_TIMEOUT = 180  # seconds of wall time for one page, on a loaded machine
+EPOCHS = {1: 2, 2: 3}  # seed -> epochs: the one hyper-parameter (besides the seed) the two train runs differ in
+
+
+class _Text(HTMLParser):
+    """The text nodes of a page, in document order, without scripts and styles."""
+
+    def __init__(self):
+        super().__init__()
+        self.nodes: list[str] = []
+        self._skip = 0
+
+    def handle_starttag(self, tag, attrs):
+        self._skip += tag in ("script", "style")
+
+    def handle_endtag(self, tag):
+        self._skip -= tag in ("script", "style") and self._skip > 0
+
+    def handle_data(self, data):
+        if not self._skip and data.strip():
+            self.nodes.append(data.strip())
+
+
+def render(url: str, screenshot: Path, profile: Path) -> list[str]:
+    """The text nodes of ``url`` once Chromium has rendered it; a screenshot is saved on the way."""
+    args = [CHROMIUM, "--headless", "--disable-gpu", "--disable-dev-shm-usage", "--no-first-run",
+            f"--user-data-dir={profile}", "--window-size=1600,1300", f"--virtual-time-budget={VIRTUAL_TIME_MS}",
+            f"--screenshot={screenshot}", "--dump-dom", url]
+    if os.geteuid() == 0:
+        args.insert(1, "--no-sandbox")  # Chromium's sandbox refuses root
+    done = subprocess.run(args, capture_output=True, text=True, timeout=PAGE_TIMEOUT)
+    assert done.returncode == 0 and "<html" in done.stdout, f"chromium failed on {url}:\n{done.stderr[-3000:]}"
+    parser = _Text()
+    parser.feed(done.stdout)
+    return parser.nodes
+
+
+def _after(nodes: list[str], label: str, n: int) -> list[str]:
+    """The ``n`` text nodes that follow the last node equal to ``label`` (a table row's cells)."""
+    where = max((i for i, node in enumerate(nodes) if node == label), default=None)
+    assert where is not None, f"no {label!r} on the page: {nodes[:200]}"
+    return nodes[where + 1:where + 1 + n]
+
+
+@pytest.fixture
+def small_chain(data_dir, tracking_uri):
+    """The stages one by one (no pipeline parent, so the train runs are top-level rows)."""
+    from psydef.stages.prepare import run_prepare
+    from psydef.stages.promote import promote
+    from psydef.stages.register import register
+    from psydef.stages.train import run_train
+    from psydef.stages.tune import run_tune
+
+    prepared = run_prepare(data_dir, seed=1)
+    train_runs = [run_train(data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone="minilm",
+                            hyper={**JOB_HYPER, "epochs": epochs}) for seed, epochs in EPOCHS.items()]
+    tune_run = run_tune(train_runs, n_trials=30, sampler="random", inner_trials=10)
+    version = register(tune_run)
+    promote(version.version)
+    return tracking_uri, train_runs, version.version
+
+
+def test_the_ui_shows_runs_their_differences_and_the_production_version(small_chain, tmp_path, capsys):
+    store_uri, train_runs, version = small_chain
+    client = tracking.client()
+    experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
+    assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.CUSTOM_MODEL_DEVELOPMENT
+    description = client.get_model_version(tracking.MODEL_NAME, version).description
+    notes = {run_id: client.get_run(run_id).data.tags[tracking.NOTE] for run_id in train_runs}
+    shots, profile, workdir = tmp_path / "screenshots", tmp_path / "chromium-profile", tmp_path / "server"
+    shots.mkdir()
+    workdir.mkdir()
+
+    with mlflow_server(store_uri, workdir) as (uri, _, _):
+        # MLflow 3.17's UI picks the GenAI or the model-training view from `workflowType` (the link, else
+        # the browser's last choice), not from the experiment's kind tag: the link psydef prints names it.
+        runs_page = render(tracking.ui_runs_url(uri, experiment.experiment_id), shots / "1-runs.png", profile)
+        assert "Runs" in runs_page
+        assert {f"train seed={seed} minilm" for seed in EPOCHS} <= set(runs_page), runs_page[:200]
+        assert "psydefconv-train" in runs_page  # the dataset column: the train runs' input
+
+        run_page = render(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{train_runs[0]}",
+                          shots / "2-train-run.png", profile)
+        assert notes[train_runs[0]] in run_page
+
+        compare = render(f"{uri}/#/compare-runs?" + urllib.parse.urlencode(
+            {"runs": json.dumps(train_runs), "experiments": json.dumps([experiment.experiment_id])}),
+            shots / "3-compare.png", profile)
+        assert _after(compare, "epochs", 2) == [str(EPOCHS[1]), str(EPOCHS[2])]
+        assert _after(compare, "seed", 2) == ["1", "2"]
+        assert _after(compare, "learning_rate", 2) == ["0.05", "0.05"]  # defaults are logged too
+
+        version_page = render(f"{uri}/#/models/{tracking.MODEL_NAME}/versions/{version}", shots / "4-version.png",
+                              profile)
+        assert description in version_page
+        assert any(tracking.PRODUCTION in node for node in version_page)
+    with capsys.disabled():
+        print(f"\nMLflow UI screenshots: {shots}")
