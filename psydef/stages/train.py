@@ -19,14 +19,14 @@ import pandas as pd
 from psydef import tracking
 from psydef.backbones import backbone_class, resolve_backbone_name
 from psydef.calibration.rule import softmax
+from psydef.core.augment import with_provenance
 from psydef.core.folds import check_no_leakage, split_fold
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
 from psydef.stages.prepare import Prepared, load_prepared, run_prepare
 
 def _rows(prepared: Prepared) -> pd.DataFrame:
     """Every trainable row (real records and augmented variants) indexed by id."""
-    real = prepared.train.assign(source_id=prepared.train["id"], is_augmented=False)
-    return pd.concat([real, prepared.augmented], ignore_index=True).set_index("id", drop=False)
+    return pd.concat([with_provenance(prepared.train), prepared.augmented], ignore_index=True).set_index("id", drop=False)
 
 
 def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> str:
