@@ -314,6 +314,8 @@ def resolve_model_uri(model_uri: str) -> str:
             raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
         return model_uri
     name, alias = parsed.name, parsed.alias
+    if parsed.version is not None:  # MLflow's resolver does not check that the version exists
+        return f"models:/{name}/{model_version(name, parsed.version).version}"
     aliases = registered_model(name).aliases
     if alias is not None and alias not in aliases:
         raise ValueError(f"{model_uri} does not exist: model {name!r} has no alias {alias!r} (its aliases: "
@@ -321,6 +323,6 @@ def resolve_model_uri(model_uri: str) -> str:
     try:
         _, version = get_model_name_and_version(client(), model_uri)
     except MlflowException as err:
-        wanted = parsed.version or (f"in stage {parsed.stage!r}" if parsed.stage else "at all")
+        wanted = f"in stage {parsed.stage!r}" if parsed.stage else "at all"
         raise ValueError(f"{model_uri} does not exist: registered model {name!r} has no version {wanted}") from err
     return f"models:/{name}/{version}"
