@@ -182,7 +182,9 @@ def test_calibrate_oof_reports_every_estimate(tmp_path):
     plain = CandidateScorer.from_logits(logits, y).predict([[0.5, 0.5]], np.zeros((1, 9)))[0]  # equal weights, argmax
     assert report.oof_macro_f1_raw == macro_f1(y, plain)
     assert report.oof_macro_f1_calibrated == report.search.best_value > report.oof_macro_f1_raw
-    assert 0 <= report.oof_macro_f1_nested <= 1 and len(report.nested.fold_f1) == 3
+    # The nested estimate is the macro-F1 of the held-out predictions, pooled over the 3 outer folds
+    assert report.oof_macro_f1_nested == macro_f1(y, report.nested.predictions)
+    assert len(report.nested.fold_f1) == 3 and set(report.nested.fold_of_row.tolist()) == {0, 1, 2}
     spec = EnsembleSpec.from_json(report.spec.to_json(tmp_path / "ensemble.json"))
     pred = spec.decode_logits(logits)
     assert macro_f1(y, pred) == report.oof_macro_f1_calibrated
