@@ -56,7 +56,14 @@ CONFUSION_PLOT = "plots/confusion_matrix.png"
 # Model registry: the ensemble's name, its aliases, the deprecated stage set on request
 MODEL_NAME = "psydef-ensemble"
 PRODUCTION, PREVIOUS = "production", "previous"  # the champion and the one it replaced
-PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
+
+
+def registered_model_uri(name: str, *, version: str | int | None = None, alias: str | None = None) -> str:
+    """``models:/name/version`` or ``models:/name@alias``."""
+    return f"models:/{name}/{version}" if alias is None else f"models:/{name}@{alias}"
+
+
+PRODUCTION_URI = registered_model_uri(MODEL_NAME, alias=PRODUCTION)
 LEGACY_STAGE = "Production"
 
 # Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
@@ -315,7 +322,7 @@ def resolve_model_uri(model_uri: str) -> str:
         return model_uri
     name, alias = parsed.name, parsed.alias
     if parsed.version is not None:  # MLflow's resolver does not check that the version exists
-        return f"models:/{name}/{model_version(name, parsed.version).version}"
+        return registered_model_uri(name, version=model_version(name, parsed.version).version)
     aliases = registered_model(name).aliases
     if alias is not None and alias not in aliases:
         raise ValueError(f"{model_uri} does not exist: model {name!r} has no alias {alias!r} (its aliases: "
@@ -325,4 +332,4 @@ def resolve_model_uri(model_uri: str) -> str:
     except MlflowException as err:
         wanted = f"in stage {parsed.stage!r}" if parsed.stage else "at all"
         raise ValueError(f"{model_uri} does not exist: registered model {name!r} has no version {wanted}") from err
-    return f"models:/{name}/{version}"
+    return registered_model_uri(name, version=version)

@@ -40,7 +40,8 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
         except PromotionRefused as refused:
             print(f"main: {refused}; predicting with the current production model")
             promoted = f"was not promoted ({refused})"
-        predicted = run_predict(data_dir, model_uri=f"models:/{model_name}@{tracking.PRODUCTION}", out_dir=out_dir)
+        predicted = run_predict(data_dir, model_uri=tracking.registered_model_uri(model_name, alias=tracking.PRODUCTION),
+                                out_dir=out_dir)
         mlflow.set_tags({tracking.PIPELINE_TUNE_RUN_ID: tune_run, tracking.PIPELINE_MODEL_VERSION: version.version})
         tracking.describe(f"The whole chain on {data_dir}: prepare run {prepared.run_id}; train runs "
                           f"{', '.join(train_runs)} (seeds {', '.join(map(str, seeds))}, backbone {backbone}); tune run "
@@ -50,6 +51,6 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
           f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
     uri = mlflow.get_tracking_uri()
     served = uri.startswith(("http://", "https://"))
-    print(f"main: the runs in the MLflow UI: {tracking.ui_runs_url(uri if served else 'http://127.0.0.1:5000', run.info.experiment_id)}"
-          + ("" if served else f" once mlruns_config/start_server.sh serves {uri}"))
+    link = tracking.ui_runs_url(uri if served else "http://127.0.0.1:5000", run.info.experiment_id)
+    print(f"main: the runs in the MLflow UI: {link}" + ("" if served else f" once mlruns_config/start_server.sh serves {uri}"))
     return predicted

@@ -57,7 +57,7 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
         tracking.log_new_params({"version": version or "", "name": name, "force": force,
                                  "legacy_stage": legacy_stage, "promoted_version": number,
                                  "champion_version": champion or ""})
-        _smoke_test(f"models:/{name}/{number}")
+        _smoke_test(tracking.registered_model_uri(name, version=number))
         moves = champion != number
         if moves and champion is not None and not force:
             new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))
