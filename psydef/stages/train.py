@@ -44,6 +44,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
                            "n_valid_rows": len(valid_rows)})
         y_valid = valid_rows["label"].to_numpy()
+        last = {}  # the latest epoch's metrics: one console line per fold, every epoch in MLflow
 
         def on_epoch(epoch: int, loss: float, valid_logits):
             metrics = {"train_loss": loss}
@@ -51,9 +52,10 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
                 scores = evaluate(y_valid, valid_logits.argmax(1))
                 metrics |= {f"val_{name}": scores[name] for name in ("macro_f1", "macro_f1_all", "accuracy")}
             mlflow.log_metrics(metrics, step=epoch)
-            print(f"fold {k} epoch {epoch}: " + ", ".join(f"{n} {v:.4f}" for n, v in metrics.items()))
+            last.update(metrics, epoch=epoch)
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch)
+        print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
         mlflow.log_dict(list(valid_rows["id"]), tracking.OOF_IDS)
         tracking.log_npy(model.predict_logits(valid_rows), tracking.OOF_LOGITS)
         if prepared.test is not None:
