@@ -1,6 +1,5 @@
 """The QLoRA backbone on CPU, through the same code as on GPU (4-bit NF4 load, LoRA, training loop,
 adapter save/load), with a tiny random Qwen3 and the real Qwen3 tokenizer."""
-import hashlib
 import json
 import math
 from pathlib import Path
@@ -15,41 +14,12 @@ from psydef.backbones import backbone_class, load_adapter, load_adapters
 from psydef.backbones.qwen_qlora import LORA_TARGETS, LengthGroupedBatches, QwenQLoRABackbone
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.losses import class_weighted_loss
+from tests.llm_fixtures import count_base_loads, one_torch_thread, reuse_loaded_tokenizers  # noqa: F401 (fixtures)
 
 bnb = pytest.importorskip("bitsandbytes")
 
 MAX_LENGTH = 640  # the DMRS guide and instruction alone take about 560 tokens
 N_ROWS, EPOCHS = 16, 2
-
-
-@pytest.fixture(scope="module", autouse=True)
-def one_torch_thread():
-    """The tiny model's matmuls gain nothing from threads, and on a busy 2-core machine OpenMP
-    oversubscription makes them ten times slower."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module", autouse=True)
-def reuse_loaded_tokenizers():
-    """Loading the real Qwen3 tokenizer takes 2-5 s; every fit and every adapter folder would load
-    it again. Each distinct tokenizer (by its files) is still loaded once through the backbone's code."""
-    from transformers import AutoTokenizer
-
-    load, loaded = AutoTokenizer.from_pretrained, {}
-
-    def load_once(source, *args, **kwargs):
-        files = sorted(Path(source).glob("tokenizer*.json"))
-        key = hashlib.sha256(b"".join(f.read_bytes() for f in files)).hexdigest() if files else str(source)
-        if key not in loaded:
-            loaded[key] = load(source, *args, **kwargs)
-        return loaded[key]
-
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(AutoTokenizer, "from_pretrained", load_once)
-        yield
 
 
 def tiny_backbone(model_dir, **overrides) -> QwenQLoRABackbone:
@@ -231,22 +201,6 @@ def _random_fold_adapters(model_dir, root: Path, n: int) -> list[Path]:
                     param.normal_(0.0, 0.05)
         folders.append(backbone.save(root / f"member_{i // 5}_fold_{i % 5}"))
     return folders
-
-
-@pytest.fixture
-def count_base_loads(monkeypatch):
-    """How many times the base model has been loaded (AutoModelForSequenceClassification.from_pretrained)."""
-    from transformers import AutoModelForSequenceClassification
-
-    calls = []
-    load = AutoModelForSequenceClassification.from_pretrained
-
-    def counted(*args, **kwargs):
-        calls.append(args[0] if args else kwargs.get("pretrained_model_name_or_path"))
-        return load(*args, **kwargs)
-
-    monkeypatch.setattr(AutoModelForSequenceClassification, "from_pretrained", counted)
-    return calls
 
 
 def test_an_ensemble_of_2_members_x_5_folds_loads_the_base_once(tiny_qwen3_dir, make_dialogue_rows, tmp_path,
