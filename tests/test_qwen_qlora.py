@@ -283,3 +283,28 @@ def test_eval_every_and_the_padded_fraction(tiny_qwen3_dir, make_dialogue_rows, 
     assert never[0][2] is None
     with pytest.raises(ValueError, match="eval_every"):
         tiny_backbone(tiny_qwen3_dir, eval_every=-1)
+
+
+def test_the_gpu_profile_runs_on_a_tiny_config(data_dir, tmp_path, capsys):
+    """bench/gpu_profile.py --tiny: the same code as the 8B GPU profile, on a 2-layer Qwen3 on CPU."""
+    import importlib.util
+
+    script = Path(__file__).resolve().parents[1] / "bench" / "gpu_profile.py"
+    spec = importlib.util.spec_from_file_location("gpu_profile", script)
+    gpu_profile = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(gpu_profile)
+    config = json.loads((script.parent / "qwen3_8b_config.json").read_text())
+    assert {k: config[k] for k in ("num_hidden_layers", "hidden_size", "intermediate_size", "num_attention_heads",
+                                   "num_key_value_heads", "head_dim", "vocab_size")} == dict(
+        num_hidden_layers=36, hidden_size=4096, intermediate_size=12288, num_attention_heads=32,
+        num_key_value_heads=8, head_dim=128, vocab_size=151936)
+
+    out = tmp_path / "profile.md"
+    rows = gpu_profile.main(["--tiny", "--data", str(data_dir / "train.json"), "--model-dir", str(tmp_path / "model"),
+                             "--steps", "2", "--decode-rows", "6", "--out", str(out),
+                             "--hyper", f"max_length={MAX_LENGTH}", "batch_size=2", "grad_accum=1"])
+    values = {name: value for name, value, _ in rows}
+    assert float(values["training: non-pad tokens/s"].replace(",", "")) > 0
+    assert float(values["ensemble decode: utterances/s"]) > 0
+    assert values["adapter size on disk"].endswith("MiB") and values["training: peak GPU memory"] == "n/a (CPU)"
+    assert out.read_text().count("\n| ") == len(rows) + 1 and "ensemble decode" in capsys.readouterr().out
