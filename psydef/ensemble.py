@@ -10,10 +10,11 @@ Nothing is pickled. The model carries:
 * ``artifacts``: every member's fold adapter folders (``Backbone.save``), one key each;
 * ``code_paths``: the ``psydef`` package as it was when the model was logged.
 
-A member's prediction is the mean over its fold adapters of softmax(fold logits). The decision rule
-is :mod:`psydef.calibration.rule`'s: :func:`psydef.calibration.rule.blend` gives the blended probabilities and
-:meth:`EnsembleSpec.decode_logits` the labels, both fed ``log(mean probs)`` per member
-(``softmax(log p) = p``).
+A member's prediction is the mean over its fold adapters of softmax(fold logits)
+(:func:`psydef.calibration.rule.fold_mean_probs`); the decision rule is :mod:`psydef.calibration.rule`'s:
+:meth:`EnsembleSpec.blend_probs` gives the blended probabilities and :meth:`EnsembleSpec.decode_probs`
+the labels. Every fold adapter of every member is loaded in one :func:`psydef.backbones.load_adapters`
+call, so the LLM's ten fold adapters share one base model.
 """
 from __future__ import annotations
 
@@ -22,7 +23,6 @@ from pathlib import Path
 from typing import Sequence
 
 import mlflow
-import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -31,8 +31,8 @@ from packaging.requirements import Requirement
 from packaging.version import Version
 
 from psydef import tracking
-from psydef.backbones import load_adapter
-from psydef.calibration.rule import EnsembleSpec, blend, softmax
+from psydef.backbones import load_adapters
+from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.data import DataError, example_input, input_table
 from psydef.core.labels import PROB_COLUMNS
 
@@ -41,13 +41,6 @@ SIGNATURE = ModelSignature(
     outputs=Schema([ColSpec("string", "id"), ColSpec("long", "label"),
                     *(ColSpec("double", column) for column in PROB_COLUMNS)]),
 )
-# A mean of softmaxes can underflow to exactly 0 for a level; its log must stay finite for calibrate.
-_TINY = np.finfo(np.float64).tiny
-
-
-def member_probs(fold_adapters: Sequence, rows: pd.DataFrame) -> np.ndarray:
-    """A member's (n, 9) probabilities: the mean over its fold adapters of softmax(logits)."""
-    return np.mean([softmax(adapter.predict_logits(rows)) for adapter in fold_adapters], axis=0)
 
 
 class EnsembleModel(mlflow.pyfunc.PythonModel):
@@ -56,16 +49,17 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         config = context.model_config
         self.spec = EnsembleSpec.from_dict(config["ensemble"])
-        self.members = [[load_adapter(context.artifacts[key]) for key in keys] for keys in config["adapters"]]
+        adapters = iter(load_adapters([context.artifacts[key] for keys in config["adapters"] for key in keys]))
+        self.members = [[next(adapters) for _ in keys] for keys in config["adapters"]]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
             rows = input_table(model_input)
         except DataError as err:  # an MlflowException is what the scoring server answers with a 400
             raise MlflowException.invalid_parameter_value(str(err)) from err
-        logits = [np.log(np.maximum(member_probs(folds, rows), _TINY)) for folds in self.members]
-        out = pd.DataFrame(blend(logits, self.spec.weights), columns=list(PROB_COLUMNS))
-        out.insert(0, "label", self.spec.decode_logits(logits))
+        probs = [fold_mean_probs([adapter.predict_logits(rows) for adapter in folds]) for folds in self.members]
+        out = pd.DataFrame(self.spec.blend_probs(probs), columns=list(PROB_COLUMNS))
+        out.insert(0, "label", self.spec.decode_probs(probs))
         out.insert(0, "id", rows["id"].to_numpy())
         return out
 

@@ -127,11 +127,11 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
         assert _production() == production, what
     versions = MlflowClient().search_model_versions(f"name = '{NAME}'")
 
-    def broken_adapter(path):
-        raise OSError(f"cannot read {path}")
+    def broken_adapters(paths):
+        raise OSError(f"cannot read {paths[0]}")
 
     # a version that cannot load is not promoted, even with force: the model file imports the patched name
-    monkeypatch.setattr("psydef.backbones.load_adapter", broken_adapter)
+    monkeypatch.setattr("psydef.backbones.load_adapters", broken_adapters)
     newest = max(int(v.version) for v in versions)
     with pytest.raises(ValueError, match="failed to load or to predict"):
         promote_stage.promote(newest, force=True)

@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import importlib
 
-from psydef.backbones.base import Backbone, load_adapter
+from psydef.backbones.base import Backbone, load_adapter, load_adapters
 
 # name -> "module:Class"; the modules import torch/transformers lazily through this table.
 BACKBONES = {
@@ -29,4 +29,5 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["AUTO", "BACKBONES", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]
+__all__ = ["AUTO", "BACKBONES", "Backbone", "backbone_class", "load_adapter", "load_adapters",
+           "resolve_backbone_name"]

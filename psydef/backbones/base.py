@@ -1,11 +1,13 @@
 """The one interface every backbone implements: fit on a fold's training rows, logits for any rows,
-save/load its adapter (a self-contained folder, loadable on its own)."""
+save/load its adapter (a self-contained folder, loadable on its own). A process that holds several
+adapters (an ensemble: members x folds) loads them together with :func:`load_adapters`, so a backbone
+whose adapters sit on one frozen base model (the LLM) loads that base once."""
 from __future__ import annotations
 
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
-from typing import Callable
+from typing import Callable, Sequence
 
 import numpy as np
 import pandas as pd
@@ -54,16 +56,45 @@ class Backbone(ABC):
         self._save_weights(path)
         return path
 
+    @classmethod
+    def load_many(cls, folders: Sequence[Path], configs: Sequence[dict]) -> list["Backbone"]:
+        """Trained backbones of this class from adapter folders and their saved configs, in order.
+        This default loads each folder on its own; a backbone whose adapters share a base model
+        overrides it to load the base once and attach every adapter to it."""
+        backbones = []
+        for folder, config in zip(folders, configs, strict=True):
+            backbone = cls(**config)
+            backbone._load_weights(Path(folder))
+            backbones.append(backbone)
+        return backbones
 
-def load_adapter(path: str | Path) -> Backbone:
-    """Rebuild a trained backbone from an adapter folder written by ``Backbone.save``."""
-    from psydef.backbones import backbone_class
 
-    path = Path(path)
+def _read_meta(path: Path) -> dict:
     meta_file = path / CONFIG_FILE
     if not meta_file.is_file():
         raise FileNotFoundError(f"{path} is not a psydef adapter folder: {CONFIG_FILE} is missing")
-    meta = json.loads(meta_file.read_text())
-    backbone = backbone_class(meta["backbone"])(**meta["config"])
-    backbone._load_weights(path)
-    return backbone
+    return json.loads(meta_file.read_text())
+
+
+def load_adapters(paths: Sequence[str | Path]) -> list[Backbone]:
+    """Rebuild trained backbones from adapter folders written by ``Backbone.save``, in the order given.
+    The folders of each backbone class are loaded in one ``load_many`` call (one shared base model
+    for the LLM's fold adapters)."""
+    from psydef.backbones import backbone_class
+
+    paths = [Path(p) for p in paths]
+    metas = [_read_meta(p) for p in paths]
+    by_name: dict[str, list[int]] = {}
+    for i, meta in enumerate(metas):
+        by_name.setdefault(meta["backbone"], []).append(i)
+    loaded: list[Backbone | None] = [None] * len(paths)
+    for name, index in by_name.items():
+        backbones = backbone_class(name).load_many([paths[i] for i in index], [metas[i]["config"] for i in index])
+        for i, backbone in zip(index, backbones, strict=True):
+            loaded[i] = backbone
+    return loaded
+
+
+def load_adapter(path: str | Path) -> Backbone:
+    """Rebuild a trained backbone from one adapter folder written by ``Backbone.save``."""
+    return load_adapters([path])[0]

@@ -174,6 +174,21 @@ def _member_probs(logits_by_member: Sequence) -> np.ndarray:
     return np.stack([softmax(x) for x in _check_members(logits_by_member)])
 
 
+def fold_mean_probs(logits_by_fold: Sequence) -> np.ndarray:
+    """A member's (n, 9) probabilities from its fold models' logits for the same rows: the mean over
+    folds of softmax(logits)."""
+    return _member_probs(logits_by_fold).mean(axis=0)
+
+
+def _check_member_probs(member_probs: Sequence) -> np.ndarray:
+    """The members' probabilities as one (m, n, 9) float64 array."""
+    if len(member_probs) == 0:
+        raise ValueError("At least one member's probabilities are needed.")
+    first = _check_probs(member_probs[0], "probabilities of member 0")
+    return np.stack([first] + [_check_probs(p, f"probabilities of member {i}", first.shape[0])
+                               for i, p in enumerate(member_probs[1:], start=1)])
+
+
 
 # ---------------------------------------------------------------------------------------------
 # The calibrated ensemble, as a file
@@ -222,12 +237,24 @@ class EnsembleSpec:
 
     def decode_logits(self, logits_by_member: Sequence) -> np.ndarray:
         """Labels (n,) from the members' (n, 9) logits, given in the order of ``members``."""
-        if len(logits_by_member) != len(self.members):
-            raise ValueError(f"Expected logits of {len(self.members)} members ({self.run_ids}); "
-                             f"got {len(logits_by_member)}.")
-        probs = _blend(_member_probs(logits_by_member), self.weights[None])
+        self._check_count(logits_by_member, "logits")
+        return self.decode_probs(_member_probs(logits_by_member))
+
+    def blend_probs(self, member_probs: Sequence) -> np.ndarray:
+        """The blended (n, 9) probabilities from the members' (n, 9) probabilities (e.g. each
+        member's :func:`fold_mean_probs`), given in the order of ``members``."""
+        self._check_count(member_probs, "probabilities")
+        return _blend(_check_member_probs(member_probs), self.weights[None])[0]
+
+    def decode_probs(self, member_probs: Sequence) -> np.ndarray:
+        """Labels (n,) from the members' (n, 9) probabilities, given in the order of ``members``."""
         tau7s = None if self.tau7 is None else np.array([self.tau7])
-        return _decide(probs, np.asarray(self.delta)[None], tau7s)[0]
+        return _decide(self.blend_probs(member_probs)[None], np.asarray(self.delta)[None], tau7s)[0]
+
+    def _check_count(self, per_member: Sequence, what: str) -> None:
+        if len(per_member) != len(self.members):
+            raise ValueError(f"Expected {what} of {len(self.members)} members ({self.run_ids}); "
+                             f"got {len(per_member)}.")
 
     def to_dict(self) -> dict:
         return asdict(self)

@@ -1,0 +1,140 @@
+"""The whole chain on the LLM backbone: ``main`` with ``--backbone qwen3-8b-qlora`` on a tiny random
+Qwen3 saved with the real Qwen3 tokenizer (4-bit NF4 on CPU, the same code as on a GPU), 2 seeds x 5
+folds, through prepare, train, tune, register, promote and predict, then one request to
+``mlflow models serve``. Every process that holds the ensemble loads the base model once.
+
+Cost: each prompt is ~600 tokens (the DMRS guide alone is ~560), so the data is a 48-record subset
+(12 dialogues, every level) of the synthetic ``data_dir`` and each fold trains one epoch."""
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+
+from psydef import tracking
+from tests.llm_fixtures import count_base_loads, one_torch_thread, reuse_loaded_tokenizers  # noqa: F401 (fixtures)
+
+pytest.importorskip("bitsandbytes")
+
+N_DIALOGUES = 12  # 48 records: 5 of each level at least, as 5 stratified folds need
+SEEDS = (1, 2)
+# The paper's settings (4-bit NF4, LoRA r=128 on every projection, the score head) except one epoch,
+# a learning rate for one epoch, no gradient accumulation and no per-epoch validation.
+HYPER = {"max_length": 640, "epochs": 1, "learning_rate": 2e-3, "batch_size": 8, "grad_accum": 1,
+         "eval_batch_size": 8, "eval_every": 0}
+
+
+@pytest.fixture
+def small_data_dir(data_dir, tmp_path) -> Path:
+    """The first ``N_DIALOGUES`` dialogues of the synthetic train.json (labels cycle through all 9
+    levels) and the whole test.json."""
+    records = json.loads((data_dir / "train.json").read_text())
+    dialogues = list(dict.fromkeys(r["dialogue_id"] for r in records))[:N_DIALOGUES]
+    folder = tmp_path / "small"
+    folder.mkdir()
+    (folder / "train.json").write_text(json.dumps([r for r in records if r["dialogue_id"] in dialogues]))
+    (folder / "test.json").write_text((data_dir / "test.json").read_text())
+    return folder
+
+
+def _loads_during(monkeypatch, module, name: str, calls: list, counts: dict) -> None:
+    """Record how many base-model loads ``module.name`` makes, in ``counts[name]``."""
+    function = getattr(module, name)
+
+    def counted(*args, **kwargs):
+        before = len(calls)
+        try:
+            return function(*args, **kwargs)
+        finally:
+            counts[name] = len(calls) - before
+
+    monkeypatch.setattr(module, name, counted)
+
+
+def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tracking_uri, tmp_path, monkeypatch,
+                                            count_base_loads):
+    from entrypoints.main import main
+    from psydef.stages import pipeline
+
+    counts = {}
+    for stage in ("register", "promote", "run_predict"):
+        _loads_during(monkeypatch, pipeline, stage, count_base_loads, counts)
+    out = tmp_path / "out"
+    result = CliRunner().invoke(main, [
+        "--data-dir", str(small_data_dir), "--seeds", ",".join(map(str, SEEDS)), "--backbone", "qwen3-8b-qlora",
+        "--model", str(tiny_qwen3_dir), "--hyper", ",".join(f"{k}={json.dumps(v)}" for k, v in HYPER.items()),
+        "--n-trials", "30", "--inner-trials", "10", "--sampler", "random", "--out-dir", str(out)])
+    assert result.exit_code == 0, f"{result.output[-5000:]}\n{result.exception!r}"
+
+    # 2 seeds x 5 folds trained (one base load each); every later process step loaded the base once
+    n_folds = 5
+    print(f"base-model loads: {len(count_base_loads)} in all; by stage {counts}")
+    assert len(count_base_loads) == len(SEEDS) * n_folds + sum(counts.values())
+    assert counts["register"] <= 1 and counts["promote"] == 1 and counts["run_predict"] == 1, counts
+    version = mlflow.MlflowClient().get_model_version_by_alias(tracking.MODEL_NAME, tracking.PRODUCTION)
+    assert version.tags[tracking.V_BACKBONE] == "qwen3-8b-qlora"
+    assert len(version.tags[tracking.V_TRAIN_RUN_IDS].split(",")) == len(SEEDS)
+
+    test_ids = [r["id"] for r in json.loads((small_data_dir / "test.json").read_text())]
+    predicted = json.loads((out / tracking.PREDICTION_JSON).read_text())
+    assert [p["id"] for p in predicted] == test_ids and all(0 <= p["label"] <= 8 for p in predicted)
+
+    answer = _serve_one_request(tracking_uri, tmp_path, small_data_dir / "test.json")
+    assert [p["id"] for p in answer] == test_ids[:3]
+    assert [p["label"] for p in answer] == [p["label"] for p in predicted[:3]]
+    for p in answer:
+        assert abs(sum(p[f"prob_{c}"] for c in range(9)) - 1) < 1e-6
+
+
+def _serve_one_request(tracking_uri: str, workdir: Path, test_json: Path) -> list[dict]:
+    """``mlflow models serve`` the production model and post the first 3 test records once."""
+    import socket
+
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        port = sock.getsockname()[1]
+    bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
+    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
+    log = workdir / "serve.log"
+    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
+                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
+                              cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
+                              env=env)
+    try:
+        deadline = time.monotonic() + 180
+        while True:
+            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
+            assert time.monotonic() < deadline, f"no answer on /ping after 180 s:\n{log.read_text()[-3000:]}"
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                time.sleep(0.5)
+        records = json.loads(test_json.read_text())[:3]
+        rows = {"columns": ["id", "dialogue", "current_text"],
+                "data": [[r["id"], r["dialogue"], r["current_text"]] for r in records]}
+        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
+                                         json.dumps({"dataframe_split": rows}).encode(),
+                                         {"Content-Type": "application/json"})
+        with urllib.request.urlopen(request, timeout=120) as response:
+            assert response.status == 200
+            return json.loads(response.read())["predictions"]
+    finally:
+        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
+            try:
+                os.killpg(server.pid, sig)
+                server.wait(timeout=wait)
+                break
+            except ProcessLookupError:
+                break
+            except subprocess.TimeoutExpired:
+                continue
