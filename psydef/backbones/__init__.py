@@ -11,6 +11,7 @@ BACKBONES = {
     "qwen3-8b-qlora": "psydef.backbones.qwen_qlora:QwenQLoRABackbone",
 }
 AUTO = "auto"
+CHOICES = (AUTO, *BACKBONES)  # what --backbone accepts
 
 
 def resolve_backbone_name(name: str) -> str:
@@ -29,4 +30,4 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["AUTO", "BACKBONES", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]
+__all__ = ["AUTO", "BACKBONES", "CHOICES", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]
