@@ -82,7 +82,7 @@ BAD = {  # command line -> what the one-line error must say
     ("tune", "--sampler", "grid"): r"--sampler: must be one of tpe, cmaes, random; got 'grid'",
     ("promote", "--version", "0"): r"--version: must be >= 1",
     ("main", "--seeds", ""): r"--seeds: give at least one seed",
-    ("main", "--seeds", "1,x"): r"--seeds: '1,x' is not a valid tuple",
+    ("main", "--seeds", "1,x"): r"--seeds: '1,x' is not a valid comma-separated list of int",
     ("main", "--backbone", "minilm", "--hyper", "nope=1"): r"unknown hyper-parameter\(s\) nope for backbone minilm",
     ("main", "--n-trials", "0"): r"--n-trials: must be >= 1",
 }

@@ -15,11 +15,12 @@ FAST = {"epochs": 2, "steps_per_epoch": 5}  # the minilm head, a few full-batch 
 
 @pytest.fixture
 def train(data_dir, prepared, experiment_id):
-    """``run_train`` on the ``prepared`` folds with the minilm backbone and ``FAST`` settings."""
-    def train(**settings):
+    """``run_train`` on the ``prepared`` folds with the minilm backbone and ``FAST`` settings, read
+    from the prepare run (or, ``in_memory``, handed over as ``main`` does)."""
+    def train(in_memory=False, **settings):
         settings = {"data_dir": data_dir, "prepare_run_id": prepared.run_id, "backbone": "minilm", "hyper": FAST,
                     **settings}
-        return run_train(TrainConfig(**settings), experiment_id=experiment_id)
+        return run_train(TrainConfig(**settings), experiment_id=experiment_id, prepared=prepared if in_memory else None)
     return train
 
 
@@ -98,10 +99,12 @@ def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(
     assert sorted(after) == [0, 1, 2, 3, 4] and all(after[k] == done_before[k] for k in (0, 1))
     assert mlflow.get_run(partial).info.status == "FINISHED"
 
-    again = train(seed=5)
+    again = train(seed=5, in_memory=True)  # as main trains: on the prepare stage's tables, not re-read
     ids_a, logits_a = _oof(reference)
     ids_b, logits_b = _oof(again)
     assert ids_a == ids_b and np.array_equal(logits_a, logits_b)  # bit-identical for one seed
+    for artifact in (tracking.TEST_PROBS, tracking.OOF_LOGITS):
+        assert np.array_equal(tracking.load_npy(reference, artifact), tracking.load_npy(again, artifact))
     ids_c, logits_c = _oof(resumed)
     assert not np.array_equal(logits_a, logits_c)  # another seed: another model
 

@@ -3,8 +3,6 @@ from __future__ import annotations
 
 import importlib
 
-from psydef.backbones.base import Backbone, load_adapter
-
 # name -> "module:Class"; the modules import torch/transformers lazily through this table.
 BACKBONES = {
     "minilm": "psydef.backbones.minilm:MiniLMBackbone",
@@ -28,6 +26,14 @@ def resolve_backbone_name(name: str) -> str:
 def backbone_class(name: str) -> type[Backbone]:
     module, cls = BACKBONES[resolve_backbone_name(name)].split(":")
     return getattr(importlib.import_module(module), cls)
+
+
+def __getattr__(name: str):
+    """``Backbone`` and ``load_adapter`` from base.py when first used: the table above is read by
+    ``psydef train --help``, which should not load numpy and pandas for it."""
+    if name in ("Backbone", "load_adapter"):
+        return getattr(importlib.import_module("psydef.backbones.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
 __all__ = ["AUTO", "BACKBONES", "CHOICES", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]

@@ -124,8 +124,10 @@ class Settings:
                 return tuple(item(part.strip()) for part in text.split(",") if part.strip())
             return origin(text)
         except ValueError:
-            raise ValueError(f"{option_name(name)}: {text!r} is not a valid {getattr(origin, '__name__', origin)}"
-                             + (f" (or {f.metadata['none']!r})" if optional and f.metadata['none'] else "")) from None
+            what = (f"comma-separated list of {typing.get_args(kind)[0].__name__}" if origin is tuple
+                    else getattr(origin, "__name__", origin))
+            raise ValueError(f"{option_name(name)}: {text!r} is not a valid {what}"
+                             + (f" (or {f.metadata['none']!r})" if optional and f.metadata["none"] else "")) from None
 
     @classmethod
     def spell(cls, name: str, value) -> str:
@@ -275,7 +277,7 @@ class TuneConfig(Settings):
                                               "backbone.")
     n_trials: int = setting(2000, "Complete trials the study should hold (a stored study is resumed up to this "
                                   "total).", ge=1)
-    sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration.study:SAMPLERS")
+    sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
     gate: bool = setting(True, "Search the level-7 confidence gate tau7 as well (true/false).")
     seed: int = setting(0, "Sampler seed; give each parallel tune its own.")
     storage: str | None = setting(None, "Optuna storage: sqlite:///optuna.db or a journal file (path.journal); "

@@ -39,7 +39,7 @@ class FoldResult:
     test_logits: np.ndarray | None
 
     @classmethod
-    def download(cls, run_id: str, *, with_test: bool) -> "FoldResult":
+    def download(cls, run_id: str, *, with_test: bool) -> FoldResult:
         """The logged result of a fold trained by another process (or before a resume)."""
         def load(ids: str, logits: str):
             return mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, ids)), tracking.load_npy(run_id, logits)
