@@ -76,8 +76,9 @@ def main() -> None:
         ids, logits, y, groups = load_oof(paths)
         print(f"data: OOF logits read from {paths}")
     elif args.train_runs is not None:
-        tracking.configure(args.tracking_uri)
-        run_ids = args.train_runs.split(",") if args.train_runs else [r.info.run_id for r in tune.pick_train_runs()[:2]]
+        experiment_id = tracking.configure(args.tracking_uri)
+        run_ids = (args.train_runs.split(",") if args.train_runs
+                   else [r.info.run_id for r in tune.pick_train_runs(experiment_id)[:2]])
         oof = tune.load_oof(run_ids)
         ids, logits, y, groups = oof.ids, oof.logits, oof.y, oof.groups
         print(f"data: OOF logits logged by train runs {run_ids} in {args.tracking_uri}")

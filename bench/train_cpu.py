@@ -15,6 +15,7 @@ import mlflow
 import torch
 
 from psydef import tracking
+from psydef.stages.config import PrepareConfig, TrainConfig
 from psydef.stages.prepare import run_prepare
 from psydef.stages.train import run_train
 
@@ -40,13 +41,14 @@ def main():
 
     with tempfile.TemporaryDirectory() as tmp:
         os.chdir(tmp)
-        tracking.configure(f"sqlite:///{tmp}/mlflow.db", "bench")
-        prepared = run_prepare(data_dir, seed=args.seed)
+        experiment_id = tracking.configure(f"sqlite:///{tmp}/mlflow.db", "bench")
+        prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=args.seed))
         patches = [mock.patch.object(mlflow, n, timed(n, getattr(mlflow, n))) for n in LOGGING_CALLS]
         for p in patches:
             p.start()
         start = time.perf_counter()
-        parent = run_train(data_dir, seed=args.seed, prepare_run_id=prepared.run_id, backbone="minilm")
+        parent = run_train(TrainConfig(data_dir=data_dir, seed=args.seed, prepare_run_id=prepared.run_id,
+                                       backbone="minilm"), experiment_id=experiment_id)
         total = time.perf_counter() - start
         for p in patches:
             p.stop()

@@ -1,22 +1,14 @@
 """`promote`: move the `production` alias to a model version (champion/challenger gate)."""
-import click
-
-from entrypoints.common import tracked
-from psydef import tracking
-from psydef.stages.promote import promote as promote_version
+from entrypoints.common import stage_command
+from psydef.stages.config import PromoteConfig
 
 
-@click.command("promote")
-@click.option("--version", default="", help="Model version to promote (default: the newest).")
-@click.option("--name", default=tracking.MODEL_NAME, show_default=True, help="Registered model name.")
-@click.option("--force", default=False, type=bool,
-              help=f"true: promote even if its {tracking.NESTED_F1} is below production's.")
-@click.option("--legacy-stage", default=False, type=bool,
-              help=f"true: also move it to the deprecated registry stage {tracking.LEGACY_STAGE!r}.")
-@tracked
-def promote(version, name, force, legacy_stage):
+@stage_command("promote", PromoteConfig)
+def promote(config: PromoteConfig, experiment_id: str):
     """Load a version, check that it predicts, gate it against production and make it production."""
-    promote_version(version or None, name=name, force=force, legacy_stage=legacy_stage)
+    from psydef.stages.promote import promote as promote_version
+
+    promote_version(config.version, name=config.name, force=config.force, legacy_stage=config.legacy_stage)
 
 
 if __name__ == "__main__":

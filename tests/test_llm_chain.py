@@ -19,9 +19,9 @@ import pytest
 from click.testing import CliRunner
 
 from psydef import tracking
-from tests.llm_fixtures import count_base_loads, one_torch_thread, reuse_loaded_tokenizers  # noqa: F401 (fixtures)
 
 pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reuse_loaded_tokenizers")
 
 N_DIALOGUES = 12  # 48 records: 5 of each level at least, as 5 stratified folds need
 SEEDS = (1, 2)

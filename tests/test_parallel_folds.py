@@ -63,7 +63,7 @@ def test_folds_as_parallel_jobs_aggregate_like_the_sequential_run_and_reaggregat
     # The entry point refuses, in a clean one-line error, what it cannot aggregate (in process: fast).
     incomplete = client.create_run(parent.info.experiment_id, tags={
         tracking.STAGE: tracking.TRAIN, tracking.PREPARE_RUN_ID: train_jobs.prepare_run_id}).info.run_id
-    refusals = {incomplete: r"folds \[0, 1, 2, 3, 4\] are not complete",
+    refusals = {incomplete: r"no complete fold run for folds \[0, 1, 2, 3, 4\]",
                 train_jobs.prepare_run_id: f"run {train_jobs.prepare_run_id} is not a train run",
                 "0" * 32: f"train run '{'0' * 32}' does not exist"}
     for run_id, message in refusals.items():

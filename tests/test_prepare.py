@@ -8,6 +8,7 @@ import pandas as pd
 import pytest
 
 from psydef import tracking
+from psydef.stages.config import PrepareConfig
 from psydef.stages.prepare import load_prepared, run_prepare
 
 REPO = Path(__file__).resolve().parents[1]
@@ -18,7 +19,7 @@ def _artifacts(run_id, path=None):
 
 
 def test_prepare_logs_dataset_folds_variants_and_plot(data_dir, tracking_uri):
-    prepared = run_prepare(data_dir, seed=7)
+    prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=7))
     run = mlflow.get_run(prepared.run_id)
     assert run.info.status == "FINISHED"
     assert mlflow.get_experiment(run.info.experiment_id).name == tracking.DEFAULT_EXPERIMENT
@@ -40,7 +41,7 @@ def test_prepare_logs_dataset_folds_variants_and_plot(data_dir, tracking_uri):
 
 
 def test_load_prepared_refuses_unknown_runs_and_other_data(data_dir, tracking_uri, tmp_path):
-    prepared = run_prepare(data_dir)
+    prepared = run_prepare(PrepareConfig(data_dir=data_dir))
     with pytest.raises(ValueError, match="prepare run 'nope' does not exist"):
         load_prepared("nope", data_dir)
     other = tmp_path / "other"
@@ -65,7 +66,7 @@ def test_mlflow_run_prepare_entry_point(data_dir, tracking_uri):
 
 
 def test_prepare_on_the_real_data(real_data_dir, tracking_uri):
-    prepared = run_prepare(real_data_dir, seed=42)
+    prepared = run_prepare(PrepareConfig(data_dir=real_data_dir, seed=42))
     metrics = mlflow.get_run(prepared.run_id).data.metrics
     assert metrics["n_records"] == 1864 and metrics["n_dialogues"] == 200
     assert prepared.folds["fold"].nunique() == 5 and metrics["leaked_dialogues"] == 0

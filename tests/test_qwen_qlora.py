@@ -14,9 +14,9 @@ from psydef.backbones import backbone_class, load_adapter, load_adapters
 from psydef.backbones.qwen_qlora import LORA_TARGETS, LengthGroupedBatches, QwenQLoRABackbone
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.losses import class_weighted_loss
-from tests.llm_fixtures import count_base_loads, one_torch_thread, reuse_loaded_tokenizers  # noqa: F401 (fixtures)
 
 bnb = pytest.importorskip("bitsandbytes")
+pytestmark = pytest.mark.usefixtures("one_torch_thread", "reuse_loaded_tokenizers")
 
 MAX_LENGTH = 640  # the DMRS guide and instruction alone take about 560 tokens
 N_ROWS, EPOCHS = 16, 2

@@ -185,17 +185,20 @@ def test_predict_writes_the_codabench_files(store, champion, tmp_path):
 def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_probabilities(store, data_dir, tmp_path):
     """The real prepare -> train (minilm) -> tune -> register -> promote -> predict, under its own
     model name: the served member probabilities are the train run's fold-averaged test/probs.npy."""
+    from psydef.stages.config import PredictConfig, PrepareConfig, TrainConfig, TuneConfig
     from psydef.stages.predict import run_predict
     from psydef.stages.prepare import run_prepare
     from psydef.stages.train import run_train
     from psydef.stages.tune import run_tune
 
-    prepared = run_prepare(data_dir, seed=5)
-    train_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
-                         hyper={"epochs": 1, "steps_per_epoch": 3})
-    tune_id = run_tune([train_id], n_trials=20, sampler="random", inner_trials=8)
+    experiment_id = tracking.configure()
+    prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=5))
+    train_id = run_train(TrainConfig(data_dir=data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
+                                     hyper={"epochs": 1, "steps_per_epoch": 3}), experiment_id=experiment_id)
+    tune_id = run_tune(TuneConfig(train_runs=(train_id,), n_trials=20, sampler="random", inner_trials=8),
+                       experiment_id=experiment_id)
     promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
-    result = run_predict(data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path)
+    result = run_predict(PredictConfig(data_dir=data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path))
 
     assert list(result.predictions["id"]) == mlflow.artifacts.load_dict(tracking.artifact_uri(train_id,
                                                                                               tracking.TEST_IDS))

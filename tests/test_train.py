@@ -6,10 +6,22 @@ from psydef import tracking
 from psydef.backbones import load_adapter
 from psydef.calibration.rule import softmax
 from psydef.core.metrics import evaluate
+from psydef.stages.config import PrepareConfig, TrainConfig
 from psydef.stages.prepare import run_prepare
 from psydef.stages.train import run_train
 
 FAST = {"epochs": 2, "steps_per_epoch": 5}  # the minilm head, a few full-batch steps
+
+
+@pytest.fixture
+def train(data_dir, prepared, experiment_id):
+    """``run_train`` on the ``prepared`` folds with the minilm backbone and ``FAST`` settings, read
+    from the prepare run (or, ``in_memory``, handed over as ``main`` does)."""
+    def train(in_memory=False, **settings):
+        settings = {"data_dir": data_dir, "prepare_run_id": prepared.run_id, "backbone": "minilm", "hyper": FAST,
+                    **settings}
+        return run_train(TrainConfig(**settings), experiment_id=experiment_id, prepared=prepared if in_memory else None)
+    return train
 
 
 def _oof(run_id):
@@ -23,11 +35,11 @@ def _artifacts(run_id, path=None):
 
 @pytest.fixture
 def prepared(data_dir, tracking_uri):
-    return run_prepare(data_dir, seed=5)
+    return run_prepare(PrepareConfig(data_dir=data_dir, seed=5))
 
 
-def test_train_logs_fold_runs_and_parent_oof(data_dir, prepared, tmp_path):
-    parent_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+def test_train_logs_fold_runs_and_parent_oof(train, prepared, tmp_path):
+    parent_id = train(seed=5)
     parent = mlflow.get_run(parent_id)
     assert parent.info.status == "FINISHED" and parent.info.run_name == "train seed=5 minilm"
     tags = parent.data.tags
@@ -69,42 +81,38 @@ def test_train_logs_fold_runs_and_parent_oof(data_dir, prepared, tmp_path):
     assert mlflow.artifacts.load_dict(tracking.artifact_uri(parent_id, tracking.TEST_IDS)) == list(prepared.test["id"])
 
 
-def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(data_dir, prepared):
-    reference = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(train, prepared):
+    reference = train(seed=5)
     # An interrupted run: folds 0 and 1 done, fold 2 killed mid-way (left RUNNING, no finished tag).
     partial = None
     for k in (0, 1):
-        partial = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", fold=k,
-                            parent_run_id=partial, hyper=FAST)
+        partial = train(seed=6, fold=k, parent_run_id=partial)
     done_before = {k: r.info.run_id for k, r in tracking.fold_runs(partial).items()}
     assert sorted(done_before) == [0, 1] and mlflow.get_run(partial).info.status == "RUNNING"
     killed = mlflow.MlflowClient().create_run(mlflow.get_run(partial).info.experiment_id, tags={
         "mlflow.parentRunId": partial, tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: "2"})
 
-    resumed = run_train(data_dir, seed=6, prepare_run_id=prepared.run_id, backbone="minilm", resume=True, hyper=FAST)
+    resumed = train(seed=6, resume=True)
     assert resumed == partial
     assert mlflow.get_run(killed.info.run_id).info.status == "FAILED"
     after = {k: r.info.run_id for k, r in tracking.fold_runs(partial).items()}
     assert sorted(after) == [0, 1, 2, 3, 4] and all(after[k] == done_before[k] for k in (0, 1))
     assert mlflow.get_run(partial).info.status == "FINISHED"
 
-    again = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper=FAST)
+    again = train(seed=5, in_memory=True)  # as main trains: on the prepare stage's tables, not re-read
     ids_a, logits_a = _oof(reference)
     ids_b, logits_b = _oof(again)
     assert ids_a == ids_b and np.array_equal(logits_a, logits_b)  # bit-identical for one seed
+    for artifact in (tracking.TEST_PROBS, tracking.OOF_LOGITS):
+        assert np.array_equal(tracking.load_npy(reference, artifact), tracking.load_npy(again, artifact))
     ids_c, logits_c = _oof(resumed)
     assert not np.array_equal(logits_a, logits_c)  # another seed: another model
 
 
-def test_bad_input_fails_cleanly(data_dir, prepared):
-    with pytest.raises(ValueError, match="unknown backbone 'bert'"):
-        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="bert")
-    failed = mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = 'train'", output_format="list")
-    assert [r.info.status for r in failed] == ["FAILED"]
-    assert not _artifacts(failed[0].info.run_id)  # nothing half-written for later steps
+def test_bad_input_fails_cleanly(train):
     with pytest.raises(ValueError, match="prepare run 'missing' does not exist"):
-        run_train(data_dir, seed=5, prepare_run_id="missing", backbone="minilm", hyper=FAST)
-    with pytest.raises(ValueError, match="fold 9 is out of range"):
-        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", fold=9, hyper=FAST)
-    with pytest.raises(ValueError, match="bad hyper-parameters"):
-        run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm", hyper={"nope": 1})
+        train(seed=5, prepare_run_id="missing")
+    with pytest.raises(ValueError, match="--fold: 9 is out of range"):
+        train(seed=5, fold=9)
+    # Nothing half-made for later steps: neither check left a train run behind.
+    assert not mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = 'train'", output_format="list")

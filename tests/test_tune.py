@@ -16,11 +16,19 @@ from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
 from psydef.calibration.score import macro_f1
 from psydef.calibration.study import load_study
-from psydef.stages.tune import load_oof, pick_train_runs, run_tune
+from psydef.stages import tune as tune_stage
+from psydef.stages.config import TuneConfig
+from psydef.stages.tune import load_oof, pick_train_runs
 from tests.fixtures.fake_runs import Store
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(n_trials=40, sampler="random", inner_trials=16)
+
+
+def run_tune(train_runs, **settings):
+    """The tune stage in the store's experiment (the one the ``store`` fixture set)."""
+    return tune_stage.run_tune(TuneConfig(train_runs=tuple(train_runs or ()), **settings),
+                               experiment_id=tracking.configure())
 
 
 @pytest.fixture(scope="module")
@@ -59,11 +67,11 @@ def test_auto_pick_takes_the_latest_finished_run_of_each_seed_sharing_digest_and
     seed_1 = store.train(prep, 1)
     store.train(prep, 5, status="FAILED")
     store.train(prep, 6, status="RUNNING")
-    assert [r.info.run_id for r in pick_train_runs()] == [seed_1, seed_2]
+    assert [r.info.run_id for r in pick_train_runs(store.experiment_id)] == [seed_1, seed_2]
     assert f"{seed_1} (seed 1), {seed_2} (seed 2)" in capsys.readouterr().out
 
     store.train(prep, 3, backbone="qwen3-8b-qlora")  # now the newest: its digest and backbone decide
-    assert [r.data.tags[tracking.SEED] for r in pick_train_runs()] == ["3"]
+    assert [r.data.tags[tracking.SEED] for r in pick_train_runs(store.experiment_id)] == ["3"]
 
 
 def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibrated_f1(store, capsys):
@@ -109,6 +117,7 @@ def test_refuses_bad_members_with_a_clear_message_and_leaves_no_tune_run(store):
         "has no OOF logits": store.train(prep, 2, logits=False),
         "does not exist": "0123456789abcdef0123456789abcdef",
         "is FAILED, not FINISHED": store.train(prep, 2, status="FAILED"),
+        r"no complete fold run for folds \[3, 4\]": store.train(prep, 2, complete_folds=3),
         "is not a train run": prep,
         "listed more than once": good,
     }

@@ -74,16 +74,20 @@ def _after(nodes: list[str], label: str, n: int) -> list[str]:
 @pytest.fixture
 def small_chain(data_dir, tracking_uri):
     """The stages one by one (no pipeline parent, so the train runs are top-level rows)."""
+    from psydef.stages.config import PrepareConfig, TrainConfig, TuneConfig
     from psydef.stages.prepare import run_prepare
     from psydef.stages.promote import promote
     from psydef.stages.register import register
     from psydef.stages.train import run_train
     from psydef.stages.tune import run_tune
 
-    prepared = run_prepare(data_dir, seed=1)
-    train_runs = [run_train(data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone="minilm",
-                            hyper={**JOB_HYPER, "epochs": epochs}) for seed, epochs in EPOCHS.items()]
-    tune_run = run_tune(train_runs, n_trials=30, sampler="random", inner_trials=10)
+    experiment_id = tracking.configure(tracking_uri)
+    prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=1))
+    train_runs = [run_train(TrainConfig(data_dir=data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone="minilm",
+                                        hyper={**JOB_HYPER, "epochs": epochs}), experiment_id=experiment_id)
+                  for seed, epochs in EPOCHS.items()]
+    tune_run = run_tune(TuneConfig(train_runs=tuple(train_runs), n_trials=30, sampler="random", inner_trials=10),
+                        experiment_id=experiment_id)
     version = register(tune_run)
     promote(version.version)
     return tracking_uri, train_runs, version.version

@@ -2,8 +2,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
 
-from psydef.backbones.base import Backbone, load_adapter, load_adapters
+if TYPE_CHECKING:
+    from psydef.backbones.base import Backbone
 
 # name -> "module:Class"; the modules import torch/transformers lazily through this table.
 BACKBONES = {
@@ -11,6 +13,7 @@ BACKBONES = {
     "qwen3-8b-qlora": "psydef.backbones.qwen_qlora:QwenQLoRABackbone",
 }
 AUTO = "auto"
+CHOICES = (AUTO, *BACKBONES)  # what --backbone accepts
 
 
 def resolve_backbone_name(name: str) -> str:
@@ -29,5 +32,13 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["AUTO", "BACKBONES", "Backbone", "backbone_class", "load_adapter", "load_adapters",
+def __getattr__(name: str):
+    """``Backbone`` and ``load_adapter`` from base.py when first used: the table above is read by
+    ``psydef train --help``, which should not load numpy and pandas for it."""
+    if name in ("Backbone", "load_adapter", "load_adapters"):
+        return getattr(importlib.import_module("psydef.backbones.base"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
+
+
+__all__ = ["AUTO", "BACKBONES", "CHOICES", "Backbone", "backbone_class", "load_adapter", "load_adapters",
            "resolve_backbone_name"]

@@ -42,12 +42,12 @@ from optuna.storages.journal import JournalFileBackend
 from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
+from psydef.calibration import SAMPLERS
 from psydef.calibration.estimate import NestedEstimate, nested_cv_estimate
 from psydef.calibration.rule import EnsembleSpec, simplex_weights
 from psydef.calibration.score import CandidateScorer, per_class_f1
 from psydef.core.labels import HIGH_ADAPTIVE, N_LEVELS
 
-SAMPLERS = ("tpe", "cmaes", "random")
 DEFAULT_BATCH = {"tpe": 8, "random": 1024}  # cmaes: one generation (its population size)
 LOCK_SUFFIX = ".study-lock"
 

@@ -26,6 +26,7 @@ from collections.abc import Callable, Iterable
 import pandas as pd
 
 MINORITY_LEVELS: tuple[int, ...] = (2, 3, 4, 5, 8)
+VARIANTS_PER_SOURCE = 3  # at most, per minority record
 
 HEDGES = ("I guess ", "Honestly, ", "I mean, ", "To be honest, ", "I think ", "Well, ")
 FILLERS = (", you know", " I suppose", ", I guess", ", honestly", ", to be fair")
@@ -117,7 +118,7 @@ def with_provenance(table: pd.DataFrame) -> pd.DataFrame:
 
 
 def augment_minority(table: pd.DataFrame, *, seed: int = 42, levels: Iterable[int] = MINORITY_LEVELS,
-                     k: int = 3) -> pd.DataFrame:
+                     k: int = VARIANTS_PER_SOURCE) -> pd.DataFrame:
     """The NEW variant rows for the real rows of ``table`` whose label is in ``levels``.
 
     Up to ``k`` variants per source, with ``id`` = ``f"{source_id}_aug{j}"``, ``source_id`` and

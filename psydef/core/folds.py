@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import numpy as np
 import pandas as pd
-from sklearn.model_selection import StratifiedGroupKFold
 
 from psydef.core.augment import with_provenance
 
@@ -20,6 +19,8 @@ def assign_folds(table: pd.DataFrame, *, n_splits: int = 5, seed: int = 42, grou
     """Fold index (0..n_splits-1) for each real record of ``table``, stratified by label."""
     if group_by not in GROUP_BY:
         raise ValueError(f"group_by must be one of {GROUP_BY}, got {group_by!r}")
+    from sklearn.model_selection import StratifiedGroupKFold  # here: `psydef prepare --help` reads GROUP_BY
+
     groups = table["dialogue_id"] if group_by == "dialogue" else table["id"]
     splitter = StratifiedGroupKFold(n_splits=n_splits, shuffle=True, random_state=seed)
     folds = np.full(len(table), -1, dtype=np.int64)
@@ -59,9 +60,14 @@ def check_no_leakage(folds: pd.DataFrame, group_by: str) -> None:
         raise ValueError(f"{leaked_dialogues(folds)} dialogues appear in more than one fold")
 
 
+def n_folds(folds: pd.DataFrame) -> int:
+    """How many folds a folds table holds (folds are numbered 0..n-1)."""
+    return int(folds["fold"].max()) + 1
+
+
 def split_fold(folds: pd.DataFrame, k: int) -> tuple[pd.DataFrame, pd.DataFrame]:
     """(training rows: real + augmented outside fold k, validation rows: real records of fold k)."""
-    n_splits = int(folds["fold"].max()) + 1
+    n_splits = n_folds(folds)
     if not 0 <= k < n_splits:
         raise ValueError(f"fold {k} is out of range: the folds are 0..{n_splits - 1}")
     train = folds[folds["fold"] != k]

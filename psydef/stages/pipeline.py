@@ -2,9 +2,10 @@
 runs of one pipeline run. Each step hands the next the run id it logged."""
 from __future__ import annotations
 
-from pathlib import Path
+import mlflow
 
 from psydef import tracking
+from psydef.stages.config import MainConfig
 from psydef.stages.predict import Predicted, run_predict
 from psydef.stages.prepare import run_prepare
 from psydef.stages.promote import PromotionRefused, promote
@@ -13,26 +14,19 @@ from psydef.stages.train import run_train
 from psydef.stages.tune import run_tune
 
 
-def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), backbone: str = "auto",
-             model: str | None = None, hyper: dict | None = None, n_trials: int = 2000, sampler: str = "tpe",
-             gate: bool = True, inner_trials: int = 500, model_name: str = tracking.MODEL_NAME,
-             out_dir: str | Path = ".") -> Predicted:
-    """Run the whole chain on ``data_dir`` (train.json + test.json); returns the prediction.
+def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
+    """Run the whole chain on ``config.data_dir`` (train.json + test.json) in experiment
+    ``experiment_id``; returns the prediction.
 
     The new version becomes ``production`` unless the champion/challenger gate refuses it (a worse
     nested OOF estimate than the current champion); the prediction then comes from the champion."""
-    import mlflow
-
-    if not seeds:
-        raise ValueError("give at least one seed")
+    seeds, model_name, backbone, data_dir = config.seeds, config.model_name, config.backbone, config.data_dir
     with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
-        tracking.log_new_params({"data_dir": str(data_dir), "seeds": ",".join(map(str, seeds)), "backbone": backbone,
-                           "n_trials": n_trials, "sampler": sampler, "gate": gate, "model_name": model_name})
-        prepared = run_prepare(data_dir, seed=seeds[0])
-        train_runs = [run_train(data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone=backbone,
-                                model=model, hyper=hyper) for seed in seeds]
-        tune_run = run_tune(train_runs, n_trials=n_trials, sampler=sampler, gate=gate, seed=seeds[0],
-                            inner_trials=inner_trials)
+        tracking.log_new_params(config.params())
+        prepared = run_prepare(config.prepare())
+        train_runs = [run_train(config.train(seed, prepared.run_id), experiment_id=experiment_id, prepared=prepared)
+                      for seed in seeds]
+        tune_run = run_tune(config.tune(train_runs), experiment_id=experiment_id)
         version = register(tune_run, name=model_name)
         try:
             promote(version.version, name=model_name)
@@ -40,8 +34,7 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
         except PromotionRefused as refused:
             print(f"main: {refused}; predicting with the current production model")
             promoted = f"was not promoted ({refused})"
-        predicted = run_predict(data_dir, model_uri=tracking.registered_model_uri(model_name, alias=tracking.PRODUCTION),
-                                out_dir=out_dir)
+        predicted = run_predict(config.predict())
         mlflow.set_tags({tracking.PIPELINE_TUNE_RUN_ID: tune_run, tracking.PIPELINE_MODEL_VERSION: version.version})
         tracking.describe(f"The whole chain on {data_dir}: prepare run {prepared.run_id}; train runs "
                           f"{', '.join(train_runs)} (seeds {', '.join(map(str, seeds))}, backbone {backbone}); tune run "

@@ -12,12 +12,16 @@ import zipfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 from tqdm.auto import tqdm
 
 from psydef import tracking
-from psydef.core.data import dataset_digest, is_labelled, read_split
+from psydef.core.data import INPUT_COLUMNS, dataset_digest, is_labelled, read_split
+from psydef.core.labels import PROB_COLUMNS
+from psydef.core.metrics import evaluate, plot_confusion_matrix
+from psydef.stages.config import PredictConfig
 
 CHUNK_ROWS = 64  # rows per predict call: the progress bar's step
 
@@ -38,24 +42,17 @@ def split_path(data_path_or_dir: str | Path) -> Path:
     return path / "test.json" if path.is_dir() else path
 
 
-def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODUCTION_URI,
-                out_dir: str | Path = ".") -> Predicted:
-    """Label every record of ``data_path_or_dir`` (a split file, or a folder holding ``test.json``)
-    with the model at ``model_uri``; labels in the file are optional and only used for metrics."""
-    import mlflow
-
-    from psydef.core.data import INPUT_COLUMNS
-    from psydef.core.labels import PROB_COLUMNS
-    from psydef.core.metrics import evaluate, plot_confusion_matrix
-
-    path = split_path(data_path_or_dir)
+def run_predict(config: PredictConfig) -> Predicted:
+    """Label every record of ``config.data_dir`` (a split file, or a folder holding ``test.json``)
+    with the model at ``config.model_uri``; labels in the file are optional and only used for metrics."""
+    path = split_path(config.data_dir)
     table = read_split(path)
-    loaded_uri = tracking.resolve_model_uri(model_uri)
-    out_dir = Path(out_dir)
+    loaded_uri = tracking.resolve_model_uri(config.model_uri)
+    out_dir = config.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     with tracking.stage_run(tracking.PREDICT, f"predict {path.name}") as run:
-        tracking.log_new_params({"data_dir": str(data_path_or_dir), "model_uri": model_uri, "out_dir": str(out_dir),
-                                 "data": str(path), "loaded_model_uri": loaded_uri, "n_records": len(table)})
+        tracking.log_new_params({**config.params(), "data": str(path), "loaded_model_uri": loaded_uri,
+                                 "n_records": len(table)})
         tracking.log_dataset(table.drop(columns="dialogue"), path, name=f"psydefconv-{path.stem}",
                              digest=dataset_digest(table), context="inference")
         model = mlflow.pyfunc.load_model(loaded_uri)
@@ -91,7 +88,7 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
                 mlflow.log_artifact(str(plot), artifact_path=str(Path(tracking.CONFUSION_PLOT).parent))
         score = f", macro-F1 (levels 1..8) {metrics['macro_f1']:.4f}" if metrics else ""
         tracking.describe(f"Labelled the {len(predictions)} records of {path} with {loaded_uri} (asked for "
-                          f"{model_uri}){score}. {tracking.PREDICTION_ZIP} is the CodaBench submission.")
+                          f"{config.model_uri}){score}. {tracking.PREDICTION_ZIP} is the CodaBench submission.")
     print(f"predict: {len(predictions)} predictions by {loaded_uri} written to {prediction_json.resolve()} "
           f"and {prediction_zip.resolve()}{score}; run {run.info.run_id}")
     return Predicted(run.info.run_id, loaded_uri, prediction_json, prediction_zip, predictions, metrics)

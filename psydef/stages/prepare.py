@@ -8,13 +8,16 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from psydef import tracking
-from psydef.core.augment import augment_minority
+from psydef.core.augment import MINORITY_LEVELS, VARIANTS_PER_SOURCE, augment_minority
 from psydef.core.data import TABLE_COLUMNS, dataset_digest, read_split, records_to_table
-from psydef.core.folds import check_no_leakage, fold_table, leaked_dialogues
-
+from psydef.core.folds import check_no_leakage, fold_table, leaked_dialogues, n_folds
+from psydef.core.metrics import plot_class_distribution
+from psydef.stages.config import PrepareConfig
 
 
 @dataclass(frozen=True)
@@ -27,6 +30,10 @@ class Prepared:
     test: pd.DataFrame | None
     digest: str
 
+    @property
+    def n_splits(self) -> int:
+        return n_folds(self.folds)
+
 
 def read_data_dir(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | None]:
     """``train.json`` (labelled) and ``test.json`` (optional, labels ignored) from ``data_dir``."""
@@ -37,27 +44,23 @@ def read_data_dir(data_dir: str | Path) -> tuple[pd.DataFrame, pd.DataFrame | No
     return train, test
 
 
-def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, group_by: str = "dialogue",
-                augment_levels: tuple[int, ...] = (2, 3, 4, 5, 8), augment_k: int = 3) -> Prepared:
+def run_prepare(config: PrepareConfig) -> Prepared:
     """Validate, augment, fold and log one ``prepare`` run; returns what training needs."""
-    import mlflow
-
-    from psydef.core.metrics import plot_class_distribution
-
+    data_dir, seed, n_splits, group_by = config.data_dir, config.seed, config.n_splits, config.group_by
     train, test = read_data_dir(data_dir)
-    augmented = augment_minority(train, seed=seed, levels=augment_levels, k=augment_k)
+    augmented = augment_minority(train, seed=seed)
     folds = fold_table(train, augmented, n_splits=n_splits, seed=seed, group_by=group_by)
     check_no_leakage(folds, group_by)
     digest = dataset_digest(train)
 
     with tracking.stage_run(tracking.PREPARE, f"prepare seed={seed}", {tracking.DATA_DIGEST: digest}) as run:
-        tracking.log_dataset(train.drop(columns="dialogue"), Path(data_dir) / "train.json", targets="label",
+        tracking.log_dataset(train.drop(columns="dialogue"), data_dir / "train.json", targets="label",
                              name="psydefconv-train", digest=digest, context=tracking.TRAINING)
         if test is not None:
-            tracking.log_dataset(test.drop(columns=["dialogue", "label"]), Path(data_dir) / "test.json",
+            tracking.log_dataset(test.drop(columns=["dialogue", "label"]), data_dir / "test.json",
                                  name="psydefconv-test", digest=dataset_digest(test), context="test")
-        tracking.log_new_params({"data_dir": str(data_dir), "seed": seed, "n_splits": n_splits, "group_by": group_by,
-                                 "augment_levels": ",".join(map(str, augment_levels)), "augment_k": augment_k})
+        tracking.log_new_params({**config.params(), "augment_levels": ",".join(map(str, MINORITY_LEVELS)),
+                                 "augment_k": VARIANTS_PER_SOURCE})
         mlflow.log_metrics({"n_records": len(train), "n_dialogues": train["dialogue_id"].nunique(),
                             "n_augmented": len(augmented), "n_test_records": 0 if test is None else len(test),
                             "leaked_dialogues": leaked_dialogues(folds)})
@@ -75,33 +78,41 @@ def run_prepare(data_dir: str | Path, *, seed: int = 42, n_splits: int = 5, grou
               f"{leaked_dialogues(folds)} dialogues in more than one fold; run {run.info.run_id}")
         tracking.describe(f"Validated {len(train)} labelled records from {train['dialogue_id'].nunique()} dialogues of "
                           f"{data_dir} (data digest {digest}); {len(augmented)} augmented variants of levels "
-                          f"{', '.join(map(str, augment_levels))}; {n_splits} folds grouped by {group_by}, "
+                          f"{', '.join(map(str, MINORITY_LEVELS))}; {n_splits} folds grouped by {group_by}, "
                           f"{leaked_dialogues(folds)} dialogues split across folds. Train runs read "
                           f"{tracking.FOLDS_CSV} and {tracking.AUGMENTED_JSON} from this run.")
     return Prepared(run.info.run_id, train, augmented, folds, test, digest)
 
 
+def load_folds(run_id: str) -> pd.DataFrame:
+    """The ``folds.csv`` table of prepare run ``run_id`` (the one parser of that file)."""
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            return pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.FOLDS_CSV,
+                                                                   dst_path=tmp),
+                               dtype={"id": str, "dialogue_id": str, "source_id": str})
+    except (MlflowException, OSError) as err:
+        raise ValueError(f"prepare run {run_id!r} has no readable {tracking.FOLDS_CSV}: it did not finish; "
+                         "run prepare again") from err
+
+
 def load_prepared(run_id: str, data_dir: str | Path) -> Prepared:
     """The folds and variants of a finished prepare run, with the records re-read from ``data_dir``
-    and checked against the run's data digest."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
+    and checked against the run's data digest; the folds checked for leakage again."""
     run = tracking.get_run(run_id, tracking.PREPARE)
     train, test = read_data_dir(data_dir)
     digest = dataset_digest(train)
     if digest != run.data.tags.get(tracking.DATA_DIGEST):
         raise ValueError(f"{data_dir}/train.json has digest {digest}, but prepare run {run_id} was made from "
                          f"data with digest {run.data.tags.get(tracking.DATA_DIGEST)}; run prepare on this data")
+    folds = load_folds(run_id)
+    check_no_leakage(folds, run.data.params.get("group_by", PrepareConfig.group_by))
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folds = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=tracking.FOLDS_CSV,
-                                                                     dst_path=tmp), dtype={"id": str, "source_id": str})
         augmented = records_to_table_with_source(
             mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, tracking.AUGMENTED_JSON)))
     except (MlflowException, OSError) as err:
-        raise ValueError(f"prepare run {run_id} has no {tracking.FOLDS_CSV} or {tracking.AUGMENTED_JSON}: "
-                         "it did not finish; run prepare again") from err
+        raise ValueError(f"prepare run {run_id} has no {tracking.AUGMENTED_JSON}: it did not finish; "
+                         "run prepare again") from err
     return Prepared(run_id, train, augmented, folds, test, digest)
 
 

@@ -8,6 +8,7 @@ from __future__ import annotations
 import numpy as np
 
 from psydef import tracking
+from psydef.stages.config import PromoteConfig
 
 
 def _smoke_test(model_uri: str) -> None:
@@ -54,8 +55,8 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
     champion = tracking.registered_model(name).aliases.get(tracking.PRODUCTION)
     champion = None if champion is None else str(champion)
     with tracking.stage_run(tracking.PROMOTE, f"promote {name} v{number}"):
-        tracking.log_new_params({"version": version or "", "name": name, "force": force,
-                                 "legacy_stage": legacy_stage, "promoted_version": number,
+        given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage)
+        tracking.log_new_params({**given.params(), "promoted_version": number,
                                  "champion_version": champion or ""})
         _smoke_test(tracking.registered_model_uri(name, version=number))
         moves = champion != number

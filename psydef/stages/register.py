@@ -9,6 +9,8 @@ from pathlib import Path
 
 from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
+from psydef.stages.config import RegisterConfig
+from psydef.stages.train import complete_fold_runs
 
 
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
@@ -21,20 +23,6 @@ def _load_spec(tune_run_id: str) -> EnsembleSpec:
     except (MlflowException, OSError) as err:
         raise ValueError(f"tune run {tune_run_id} has no {tracking.ENSEMBLE_JSON}: it did not finish; "
                          "run tune again and register its run") from err
-
-
-def _member_folds(run) -> list:
-    """The complete fold runs of a member (a train run), in fold order; every fold of its prepare
-    run's split must be there."""
-    run_id = run.info.run_id
-    prepare = tracking.get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
-    n_splits = int(prepare.data.params["n_splits"])
-    folds = tracking.fold_runs(run_id)
-    missing = sorted(set(range(n_splits)) - set(folds))
-    if missing:
-        raise ValueError(f"train run {run_id} has no complete fold run for folds {missing} (of {n_splits}); "
-                         "finish its training (train -P resume=true) before registering")
-    return [folds[k] for k in range(n_splits)]
 
 
 def _download_adapter(fold_run, member_run_id: str, dst: Path) -> str:
@@ -88,12 +76,12 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     }
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = [[_download_adapter(fold, member.info.run_id, Path(tmp) / f"member_{i}" / f"fold_{k}")
-                         for k, fold in enumerate(_member_folds(member))]
+                         for k, fold in enumerate(complete_fold_runs(member))]
                         for i, member in enumerate(members)]
         with tracking.stage_run(tracking.REGISTER, f"register {name}", {tracking.V_TUNE_RUN_ID: tune_run_id}) as run:
             from psydef.ensemble import log_ensemble_model
 
-            tracking.log_new_params({"tune_run_id": tune_run_id, "name": name, "n_members": len(spec.members),
+            tracking.log_new_params({**RegisterConfig(tune_run_id, name).params(), "n_members": len(spec.members),
                                      "n_adapters": sum(map(len, adapter_dirs))})
             info = log_ensemble_model(spec, adapter_dirs)
             version = mlflow.register_model(info.model_uri, name, tags=tags)

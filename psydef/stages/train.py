@@ -1,38 +1,61 @@
 """The ``train`` stage: one parent run per seed, one nested run per fold, OOF logits aggregated.
 
+One path: open the parent (a new one, or the latest matching one for ``resume`` and single-fold jobs,
+or the one given), train its missing folds (or the one fold asked for), and once every fold is
+complete aggregate and end the parent FINISHED, which is what ``tune`` looks for.
+
 A fold run is complete only when it is FINISHED *and* carries ``psydef.fold_status=finished``, set
-after its last artifact is logged, so a fold killed mid-way is never taken for a finished one. The
-parent aggregates once every fold is complete and only then ends FINISHED, which is what ``tune``
-looks for. ``fold=k`` trains one fold under an existing parent (folds as separate jobs); the job that
-completes the last fold aggregates.
+after its last artifact is logged, so a fold killed mid-way is never taken for a finished one. Folds
+trained as separate jobs (``fold=k``) share a parent left RUNNING; the job completing the last fold
+aggregates.
 """
 from __future__ import annotations
 
-import inspect
 import tempfile
 from contextlib import nullcontext
+from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
 import pandas as pd
 
 from psydef import tracking
-from psydef.backbones import backbone_class, resolve_backbone_name
+from psydef.backbones import backbone_class
 from psydef.calibration.rule import softmax
 from psydef.core.augment import with_provenance
-from psydef.core.folds import check_no_leakage, split_fold
+from psydef.core.folds import split_fold
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
+from psydef.stages.config import AggregateConfig, PrepareConfig, TrainConfig
 from psydef.stages.prepare import Prepared, load_prepared, run_prepare
+
+
+@dataclass(frozen=True)
+class FoldResult:
+    """What a fold run logged: kept in memory by the process that trained it, for its aggregate."""
+    run_id: str
+    oof_ids: list[str]
+    oof_logits: np.ndarray
+    test_ids: list[str] | None
+    test_logits: np.ndarray | None
+
+    @classmethod
+    def download(cls, run_id: str, *, with_test: bool) -> FoldResult:
+        """The logged result of a fold trained by another process (or before a resume)."""
+        def load(ids: str, logits: str):
+            return mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, ids)), tracking.load_npy(run_id, logits)
+
+        test = load(tracking.TEST_IDS, tracking.TEST_LOGITS) if with_test else (None, None)
+        return cls(run_id, *load(tracking.OOF_IDS, tracking.OOF_LOGITS), *test)
+
 
 def _rows(prepared: Prepared) -> pd.DataFrame:
     """Every trainable row (real records and augmented variants) indexed by id."""
     return pd.concat([with_provenance(prepared.train), prepared.augmented], ignore_index=True).set_index("id", drop=False)
 
 
-def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> str:
-    """Train fold ``k`` in its own run nested under the parent; returns the fold run id."""
-    import mlflow
-
+def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> FoldResult:
+    """Train fold ``k`` in its own run nested under the parent; returns what it logged."""
     train_ids, valid_ids = split_fold(prepared.folds, k)
     rows = _rows(prepared)
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
@@ -42,7 +65,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
         mlflow.set_tags(tracking.fold_tags(parent_run_id, k, seed=seed, backbone=backbone,
                                            data_digest=prepared.digest, prepare_run_id=prepared.run_id))
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
-                           "n_valid_rows": len(valid_rows)})
+                                 "n_valid_rows": len(valid_rows)})
         y_valid = valid_rows["label"].to_numpy()
         last = {}  # the latest epoch's metrics: one console line per fold, every epoch in MLflow
 
@@ -56,31 +79,32 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch)
         print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
-        mlflow.log_dict(list(valid_rows["id"]), tracking.OOF_IDS)
-        tracking.log_npy(model.predict_logits(valid_rows), tracking.OOF_LOGITS)
+        oof_ids, oof_logits = list(valid_rows["id"]), model.predict_logits(valid_rows)
+        mlflow.log_dict(oof_ids, tracking.OOF_IDS)
+        tracking.log_npy(oof_logits, tracking.OOF_LOGITS)
+        test_ids = test_logits = None
         if prepared.test is not None:
-            mlflow.log_dict(list(prepared.test["id"]), tracking.TEST_IDS)
-            tracking.log_npy(model.predict_logits(prepared.test), tracking.TEST_LOGITS)
+            test_ids, test_logits = list(prepared.test["id"]), model.predict_logits(prepared.test)
+            mlflow.log_dict(test_ids, tracking.TEST_IDS)
+            tracking.log_npy(test_logits, tracking.TEST_LOGITS)
         with tempfile.TemporaryDirectory() as tmp:
             mlflow.log_artifacts(str(model.save(Path(tmp) / "adapter")), tracking.ADAPTER_DIR)
         tracking.complete_fold()
-    return run.info.run_id
+    return FoldResult(run.info.run_id, oof_ids, oof_logits, test_ids, test_logits)
 
 
-def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
+def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldResult] | None = None) -> dict[str, float]:
     """Log the parent's OOF logits (every real record once), fold-averaged test probabilities, OOF
-    metrics and plots, computed from the fold runs' logged logits; end the parent FINISHED."""
-    import mlflow
-
-    n_splits = int(prepared.folds["fold"].max()) + 1
-    folds = tracking.fold_runs(parent_run_id)
-    missing = sorted(set(range(n_splits)) - set(folds))
-    if missing:
-        raise ValueError(f"train run {parent_run_id}: folds {missing} are not complete; train them "
-                         "(-P fold=k, or -P resume=true) before aggregating")
-    ids = [i for k in range(n_splits)
-           for i in mlflow.artifacts.load_dict(tracking.artifact_uri(folds[k].info.run_id, tracking.OOF_IDS))]
-    logits = np.concatenate([tracking.load_npy(folds[k].info.run_id, tracking.OOF_LOGITS) for k in range(n_splits)])
+    metrics and plots from its complete fold runs: ``trained`` holds those this process trained (in
+    memory), the others are downloaded."""
+    trained = dict(trained or {})
+    folds = complete_fold_runs(tracking.client().get_run(parent_run_id))
+    n_splits = len(folds)
+    results = [trained[k] if k in trained and trained[k].run_id == fold.info.run_id
+               else FoldResult.download(fold.info.run_id, with_test=prepared.test is not None)
+               for k, fold in enumerate(folds)]
+    ids = [i for result in results for i in result.oof_ids]
+    logits = np.concatenate([result.oof_logits for result in results])
     real_ids = set(prepared.train["id"])
     if len(ids) != len(real_ids) or set(ids) != real_ids:
         raise ValueError(f"train run {parent_run_id}: the fold runs' OOF ids do not cover each real record once")
@@ -95,10 +119,8 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
         mlflow.log_dict(ids, tracking.OOF_IDS)
         tracking.log_npy(logits, tracking.OOF_LOGITS)
         if prepared.test is not None:
-            test_ids = mlflow.artifacts.load_dict(tracking.artifact_uri(folds[0].info.run_id, tracking.TEST_IDS))
-            probs = np.mean([softmax(tracking.load_npy(folds[k].info.run_id, tracking.TEST_LOGITS))
-                             for k in range(n_splits)], axis=0).astype(np.float32)
-            mlflow.log_dict(test_ids, tracking.TEST_IDS)
+            probs = np.mean([softmax(result.test_logits) for result in results], axis=0).astype(np.float32)
+            mlflow.log_dict(results[0].test_ids, tracking.TEST_IDS)
             tracking.log_npy(probs, tracking.TEST_PROBS)
         mlflow.log_metrics(metrics)
         with tempfile.TemporaryDirectory() as tmp:
@@ -116,89 +138,88 @@ def aggregate(parent_run_id: str, prepared: Prepared) -> dict[str, float]:
     return metrics
 
 
-def run_train(data_dir: str | Path, *, seed: int = 42, prepare_run_id: str | None = None, backbone: str = "auto",
-              model: str | None = None, fold: int | None = None, parent_run_id: str | None = None, resume: bool = False,
-              hyper: dict | None = None) -> str:
+def complete_fold_runs(run) -> list:
+    """The complete fold runs of train run ``run`` in fold order, one per fold of its prepare run;
+    a ValueError naming the folds that are not complete."""
+    run_id = run.info.run_id
+    prepare = tracking.get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
+    n_splits = int(prepare.data.params["n_splits"])
+    folds = tracking.fold_runs(run_id)
+    missing = sorted(set(range(n_splits)) - set(folds))
+    if missing:
+        raise ValueError(f"train run {run_id} has no complete fold run for folds {missing} (of {n_splits}); "
+                         "finish its training (train -P resume=true, or -P fold=k) first")
+    return [folds[k] for k in range(n_splits)]
+
+
+def run_train(config: TrainConfig, *, experiment_id: str, prepared: Prepared | None = None) -> str:
     """Train one seed; returns the parent run id.
 
-    ``fold=None`` trains every fold (``resume=True`` reopens the latest matching parent and trains only
-    its incomplete folds). ``fold=k`` trains fold k under ``parent_run_id`` (else the latest matching
-    parent, else a new one) and aggregates if that completes the parent. ``model`` (an HF id or path)
-    goes to backbones that take one (the LLM)."""
-    import mlflow
-
-    hyper = dict(hyper or {})
-    if fold is None and not resume:
-        with tracking.stage_run(tracking.TRAIN, f"train seed={seed}") as parent:
-            name = _resolve(backbone, hyper, model)  # bad input leaves this run FAILED, with nothing logged
-            mlflow.set_tag(tracking.RUN_NAME, f"train seed={seed} {name}")
-            prepared = _prepared(data_dir, seed, prepare_run_id)
-            _tag_parent(parent.info.run_id, prepared, seed, name, hyper)
-            for k in range(_n_splits(prepared)):
-                train_fold(prepared, k, backbone=name, seed=seed, hyper=hyper, parent_run_id=parent.info.run_id)
-            aggregate(parent.info.run_id, prepared)
+    The parent is ``config.parent_run_id``, else (``resume``, or a single ``fold``) the latest parent
+    of this seed, backbone and prepare run, else a new one in experiment ``experiment_id``. Its
+    missing folds (or fold ``config.fold``) are trained; once all are complete the parent is
+    aggregated and ends FINISHED. ``prepared`` is the prepare stage's result when the caller holds it
+    (``main``); otherwise it is read from ``config.prepare_run_id``, or prepare runs first."""
+    backbone, hyper = config.backbone_name(), config.backbone_hyper()
+    print(f"train: backbone {backbone} (asked: {config.backbone})")
+    if prepared is None:
+        prepared = (load_prepared(config.prepare_run_id, config.data_dir) if config.prepare_run_id
+                    else run_prepare(PrepareConfig(data_dir=config.data_dir, seed=config.seed)))
+    if config.fold is not None and config.fold >= prepared.n_splits:
+        raise ValueError(f"--fold: {config.fold} is out of range: the folds of prepare run {prepared.run_id} are "
+                         f"0..{prepared.n_splits - 1}")
+    parent_id = config.parent_run_id
+    if parent_id is None and (config.resume or config.fold is not None):
+        parent_id = tracking.find_parent(config.seed, backbone, prepared.run_id)
+        if parent_id is None and config.resume:
+            raise ValueError(f"nothing to resume: no train run for seed {config.seed}, backbone {backbone}, prepare "
+                             f"run {prepared.run_id}")
+    run_name = f"train seed={config.seed} {backbone}"
+    if parent_id is None and config.fold is None:  # a new parent that this process trains to the end
+        with tracking.stage_run(tracking.TRAIN, run_name) as parent:
+            _train_missing_folds(parent.info.run_id, config, prepared, backbone, hyper)
         return parent.info.run_id
-
-    name = _resolve(backbone, hyper, model)
-    if prepare_run_id is None:
-        raise ValueError("resume and single-fold training need -P prepare_run_id (the folds the parent was trained on)")
-    prepared = _prepared(data_dir, seed, prepare_run_id)
-    if fold is not None and not 0 <= fold < _n_splits(prepared):
-        raise ValueError(f"fold {fold} is out of range: the folds are 0..{_n_splits(prepared) - 1}")
-    parent_id = parent_run_id or tracking.find_parent(seed, name, prepare_run_id)
-    if parent_id is None:
-        if resume:
-            raise ValueError(f"nothing to resume: no train run for seed {seed}, backbone {name}, prepare run "
-                             f"{prepare_run_id}")
-        # Left RUNNING: the job that completes the last fold aggregates and ends it.
-        from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID  # the experiment configure() set
-
-        parent_id = tracking.client().create_run(MLFLOW_EXPERIMENT_ID.get(), run_name=f"train seed={seed} {name}").info.run_id
-    _tag_parent(parent_id, prepared, seed, name, hyper)
-    tracking.mark_stale_folds_failed(parent_id, fold)
-    todo = [fold] if fold is not None else [k for k in range(_n_splits(prepared)) if k not in tracking.fold_runs(parent_id)]
-    for k in todo:
-        train_fold(prepared, k, backbone=name, seed=seed, hyper=hyper, parent_run_id=parent_id)
-    if len(tracking.fold_runs(parent_id)) == _n_splits(prepared):
-        aggregate(parent_id, prepared)
+    if parent_id is None:  # left RUNNING: the fold job that completes the last fold aggregates and ends it
+        parent_id = tracking.client().create_run(experiment_id, run_name=run_name).info.run_id
+    if _train_missing_folds(parent_id, config, prepared, backbone, hyper):
         tracking.client().set_terminated(parent_id, "FINISHED")
     return parent_id
 
 
-def _resolve(backbone: str, hyper: dict, model: str | None) -> str:
-    """The backbone's name; completes ``hyper`` in place with ``model`` where the backbone takes one."""
-    name = resolve_backbone_name(backbone)
-    cls = backbone_class(name)
-    if model and "model" in inspect.signature(cls).parameters:
-        hyper.setdefault("model", model)
-    print(f"train: backbone {name} (asked: {backbone})")
-    try:
-        cls(**hyper)  # unknown hyper-parameters fail here, before any training
-    except TypeError as err:
-        raise ValueError(f"bad hyper-parameters {sorted(hyper)} for backbone {name}: {err}") from err
-    return name
+def _train_missing_folds(parent_id: str, config: TrainConfig, prepared: Prepared, backbone: str, hyper: dict) -> bool:
+    """Tag the parent, train its missing folds (or ``config.fold``) and aggregate it once every fold
+    is complete; True when it is."""
+    _tag_parent(parent_id, config, prepared, backbone, hyper)
+    tracking.mark_stale_folds_failed(parent_id, config.fold)
+    done = tracking.fold_runs(parent_id)
+    todo = [config.fold] if config.fold is not None else [k for k in range(prepared.n_splits) if k not in done]
+    trained = {k: train_fold(prepared, k, backbone=backbone, seed=config.seed, hyper=hyper, parent_run_id=parent_id)
+               for k in todo}
+    if len(tracking.fold_runs(parent_id)) < prepared.n_splits:
+        return False
+    aggregate(parent_id, prepared, trained)
+    return True
 
 
-def _prepared(data_dir, seed: int, prepare_run_id: str | None) -> Prepared:
-    if prepare_run_id is None:
-        return run_prepare(data_dir, seed=seed)
-    prepared = load_prepared(prepare_run_id, data_dir)
-    check_no_leakage(prepared.folds, _group_by(prepare_run_id))
-    return prepared
-
-
-def _group_by(prepare_run_id: str) -> str:
-    return tracking.client().get_run(prepare_run_id).data.params.get("group_by", "dialogue")
-
-
-def _n_splits(prepared: Prepared) -> int:
-    return int(prepared.folds["fold"].max()) + 1
-
-
-def _tag_parent(parent_id: str, prepared: Prepared, seed: int, backbone: str, hyper: dict) -> None:
+def _tag_parent(parent_id: str, config: TrainConfig, prepared: Prepared, backbone: str, hyper: dict) -> None:
     client = tracking.client()
-    for key, value in tracking.train_tags(seed, backbone, prepared.digest, prepared.run_id).items():
+    for key, value in tracking.train_tags(config.seed, backbone, prepared.digest, prepared.run_id).items():
         client.set_tag(parent_id, key, value)
-    # Every hyper-parameter, defaults included, so the compare view shows what differs between two runs
-    tracking.log_new_params({"seed": seed, "backbone": backbone, **backbone_class(backbone)(**hyper).config()}, parent_id)
+    # The settings as given, then every hyper-parameter the backbone trains with, defaults included, so
+    # the compare view shows what differs between two runs (a setting already logged keeps its value).
+    # Only what every job of the parent shares: not fold, resume or parent_run_id.
+    shared = {k: v for k, v in config.params().items() if k in ("data_dir", "seed", "hyper")}
+    tracking.log_new_params({**shared, "prepare_run_id": prepared.run_id, "backbone": backbone,
+                             **backbone_class(backbone)(**hyper).config()}, parent_id)
     tracking.log_training_dataset(parent_id, prepared.run_id)
+
+
+def run_aggregate(config: AggregateConfig) -> dict[str, float]:
+    """Aggregate a train run whose folds were trained as separate jobs and end it FINISHED (what the
+    job completing the last fold does); running it again rewrites the same results."""
+    parent = tracking.get_run(config.parent_run_id, tracking.TRAIN)
+    tagged = parent.data.tags.get(tracking.PREPARE_RUN_ID, "")
+    if config.prepare_run_id and tagged and config.prepare_run_id != tagged:
+        raise ValueError(f"train run {config.parent_run_id} was trained on the folds of prepare run {tagged}, "
+                         f"not {config.prepare_run_id}")
+    return aggregate(config.parent_run_id, load_prepared(config.prepare_run_id or tagged, config.data_dir))

@@ -17,6 +17,9 @@ import pandas as pd
 
 from psydef import tracking
 from psydef.calibration.study import align_members, calibrate_oof
+from psydef.stages.config import TuneConfig
+from psydef.stages.prepare import load_folds
+from psydef.stages.train import complete_fold_runs
 
 
 @dataclass(frozen=True)
@@ -31,14 +34,12 @@ class OOFBundle:
     groups: np.ndarray  # dialogue ids
 
 
-def pick_train_runs() -> list:
-    """The latest FINISHED ``train`` parent run of each seed in the current experiment (the one
-    :func:`psydef.tracking.configure` set), among those that share the data digest and backbone of
-    the newest one; newest first."""
+def pick_train_runs(experiment_id: str) -> list:
+    """The latest FINISHED ``train`` parent run of each seed in experiment ``experiment_id``, among
+    those that share the data digest and backbone of the newest one; newest first."""
     import mlflow
-    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
 
-    experiment = mlflow.get_experiment(MLFLOW_EXPERIMENT_ID.get())
+    experiment = mlflow.get_experiment(experiment_id)
     runs = tracking.finished_train_runs(experiment.experiment_id)
     if not runs:
         raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of {mlflow.get_tracking_uri()}: "
@@ -59,11 +60,13 @@ def pick_train_runs() -> list:
 
 
 def _train_run(run_id: str):
-    """The FINISHED train parent run ``run_id``."""
+    """The train parent run ``run_id``, once it is a complete training: FINISHED, with a complete fold
+    run for every fold of its prepare run."""
     run = tracking.get_run(run_id, tracking.TRAIN)
     if run.info.status != "FINISHED":
         raise ValueError(f"train run {run_id} is {run.info.status}, not FINISHED: its folds are not all trained "
                          "and aggregated (train -P resume=true finishes it)")
+    complete_fold_runs(run)
     return run
 
 
@@ -82,17 +85,10 @@ def _download(run_id: str, artifact_path: str):
 
 def _real_records(prepare_run_id: str, train_run_id: str) -> pd.DataFrame:
     """The real (not augmented) rows of the prepare run's folds.csv, indexed by record id."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
-        with tempfile.TemporaryDirectory() as tmp:
-            folds = pd.read_csv(mlflow.artifacts.download_artifacts(
-                run_id=prepare_run_id, artifact_path=tracking.FOLDS_CSV, dst_path=tmp),
-                dtype={"id": str, "dialogue_id": str, "source_id": str})
-    except (MlflowException, OSError) as err:
-        raise ValueError(f"cannot read {tracking.FOLDS_CSV} of prepare run {prepare_run_id!r} (tag "
-                         f"{tracking.PREPARE_RUN_ID} of train run {train_run_id}): {err}") from err
+        folds = load_folds(prepare_run_id)
+    except ValueError as err:
+        raise ValueError(f"{err} (tag {tracking.PREPARE_RUN_ID} of train run {train_run_id})") from err
     return folds[~folds["is_augmented"].astype(bool)].set_index("id")
 
 
@@ -130,11 +126,9 @@ def default_study_name(run_ids: list[str]) -> str:
     return "calibration-" + "-".join(run_id[:8] for run_id in run_ids)
 
 
-def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampler: str = "tpe", gate: bool = True,
-             seed: int = 0, storage: str | None = None, study_name: str | None = None,
-             inner_trials: int = 500) -> str:
-    """Calibrate the ensemble of ``train_runs`` (default: :func:`pick_train_runs`) on their OOF logits
-    and log it in a ``tune`` run; returns its id.
+def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
+    """Calibrate the ensemble of ``config.train_runs`` (default: :func:`pick_train_runs` of experiment
+    ``experiment_id``) on their OOF logits and log it in a ``tune`` run; returns its id.
 
     ``storage`` (``sqlite:///optuna.db``, ``path.journal``; in memory when None) keeps the study, so a
     second tune of the same members resumes it (``n_trials`` is the study's total) and tunes running at
@@ -142,7 +136,9 @@ def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampl
     import mlflow
     import optuna
 
-    run_ids = train_runs or [run.info.run_id for run in pick_train_runs()]
+    train_runs, n_trials, sampler, gate, seed = list(config.train_runs), config.n_trials, config.sampler, config.gate, config.seed
+    storage, study_name, inner_trials = config.storage, config.study_name, config.inner_trials
+    run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id)]
     oof = load_oof(run_ids)
     study = study_name or default_study_name(run_ids)
     backbone = ",".join(dict.fromkeys(oof.backbones))
@@ -152,8 +148,7 @@ def run_tune(train_runs: list[str] | None = None, *, n_trials: int = 2000, sampl
     tags = {tracking.DATA_DIGEST: oof.data_digest, tracking.BACKBONE: backbone,
             tracking.MEMBER_RUN_IDS: ",".join(run_ids), tracking.STUDY_NAME: study}
     # As given (what `mlflow run` logs from -P); the resolved members and study are the tags above.
-    params = {"train_runs": ",".join(train_runs or []), "n_trials": n_trials, "sampler": sampler, "gate": gate,
-              "seed": seed, "storage": storage or "", "study_name": study_name or "", "inner_trials": inner_trials}
+    params = config.params()
     with tracking.stage_run(tracking.TUNE, f"tune {sampler} n_trials={n_trials}", tags) as run:
         tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
                                           "n_dialogues": n_dialogues})

@@ -1,0 +1,351 @@
+"""Every stage's settings: one frozen dataclass per stage, the only source of their defaults.
+
+A field's metadata holds its help text, its bounds and its choices; the click options of
+``entrypoints/`` are generated from the fields, the MLproject parameters must match them
+(tests/test_config.py), and each stage logs :meth:`Settings.params` as its run's params.
+Construction checks every value (type, bounds, choices, backbone hyper-parameters), so a bad
+setting fails here, before any data is read or any run is created, with the option's name.
+
+Nothing heavy is imported at module level: ``psydef --help`` reads these classes.
+"""
+import dataclasses
+import importlib
+import json
+import types
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from psydef import tracking
+
+DATA_DIR = Path("data/psydefconv")
+
+
+def setting(default=dataclasses.MISSING, help: str = "", *, choices: str | None = None, ge=None, gt=None, le=None,
+            none: str = "", parse=None, spell=None, input_path: bool = False):
+    """A field with its help text; ``choices`` names a tuple as ``module:NAME`` (imported when
+    checked, so that ``--help`` stays fast); ``ge``/``gt``/``le`` bound numbers; ``none`` is how
+    the CLI and MLproject spell ``None``; ``parse``/``spell`` convert the CLI text of a
+    non-scalar setting (a mapping, a list) and back; ``input_path`` marks a file or folder that
+    is read (MLproject type ``path``, which MLflow checks exists)."""
+    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "none": none,
+                "parse": parse, "spell": spell, "input_path": input_path}
+    if isinstance(default, (dict, list)):
+        return field(default_factory=lambda: type(default)(default), metadata=metadata)
+    return field(default=default, metadata=metadata)
+
+
+def option_name(name: str) -> str:
+    """A setting's command-line option (``n_trials`` -> ``--n-trials``); ``-P n_trials`` in MLproject."""
+    return "--" + name.replace("_", "-")
+
+
+def resolve_choices(reference: str) -> tuple:
+    module, name = reference.split(":")
+    return tuple(getattr(importlib.import_module(module), name))
+
+
+def base_type(annotation):
+    """``int`` for ``int | None``; the annotation itself otherwise; ``(type, optional)``."""
+    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
+        args = [a for a in typing.get_args(annotation) if a is not type(None)]
+        return args[0], True
+    return annotation, False
+
+
+def _check_value(where: str, kind, value, meta: dict):
+    """``value`` checked against ``kind`` and the bounds and choices in ``meta``; returns it in
+    canonical form (a float for an int given to a float setting, a tuple for a list, a Path)."""
+    origin = typing.get_origin(kind) or kind
+    if origin is bool:
+        ok = isinstance(value, bool)
+    elif origin is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif origin is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif origin is Path:
+        ok = isinstance(value, (str, Path))
+        value = Path(value) if ok else value
+    elif origin is tuple:
+        item = typing.get_args(kind)[0]
+        ok = isinstance(value, (tuple, list))
+        value = tuple(_check_value(f"{where} item", item, v, {}) for v in value) if ok else value
+    elif origin is dict:
+        ok = isinstance(value, dict)
+    else:
+        ok = isinstance(value, origin)
+    if not ok:
+        raise ValueError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
+    if meta.get("ge") is not None and value < meta["ge"]:
+        raise ValueError(f"{where}: must be >= {meta['ge']}, got {value!r}")
+    if meta.get("gt") is not None and value <= meta["gt"]:
+        raise ValueError(f"{where}: must be > {meta['gt']}, got {value!r}")
+    if meta.get("le") is not None and value > meta["le"]:
+        raise ValueError(f"{where}: must be <= {meta['le']}, got {value!r}")
+    if meta.get("choices") and value not in (choices := resolve_choices(meta["choices"])):
+        raise ValueError(f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")
+    return value
+
+
+class Settings:
+    """What the stage configs share: checking on construction, CLI parsing and spelling, params."""
+
+    def __post_init__(self):
+        hints = typing.get_type_hints(type(self))
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            kind, optional = base_type(hints[f.name])
+            if value is None and optional:
+                continue
+            object.__setattr__(self, f.name, _check_value(option_name(f.name), kind, value, f.metadata))
+        self.check()
+
+    def check(self) -> None:
+        """Checks across settings (a subclass's)."""
+
+    @classmethod
+    def parse(cls, name: str, text: str):
+        """The value of setting ``name`` from its CLI/MLproject text; ValueError naming the option."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        kind, optional = base_type(typing.get_type_hints(cls)[name])
+        if optional and text == f.metadata["none"]:
+            return None
+        if f.metadata["parse"]:
+            return f.metadata["parse"](text)
+        origin = typing.get_origin(kind) or kind
+        try:
+            if origin is bool:
+                if text.lower() not in ("true", "false", "1", "0"):
+                    raise ValueError
+                return text.lower() in ("true", "1")
+            if origin is tuple:
+                item = typing.get_args(kind)[0]
+                return tuple(item(part.strip()) for part in text.split(",") if part.strip())
+            return origin(text)
+        except ValueError:
+            what = (f"comma-separated list of {typing.get_args(kind)[0].__name__}" if origin is tuple
+                    else getattr(origin, "__name__", origin))
+            raise ValueError(f"{option_name(name)}: {text!r} is not a valid {what}"
+                             + (f" (or {f.metadata['none']!r})" if optional and f.metadata["none"] else "")) from None
+
+    @classmethod
+    def spell(cls, name: str, value) -> str:
+        """How the CLI and MLproject write ``value`` of setting ``name`` (what a run's param holds)."""
+        f = {f.name: f for f in dataclasses.fields(cls)}[name]
+        if value is None:
+            return f.metadata["none"]
+        if f.metadata["spell"]:
+            return f.metadata["spell"](value)
+        if isinstance(value, bool):
+            return str(value).lower()
+        if isinstance(value, tuple):
+            return ",".join(map(str, value))
+        return str(value)
+
+    def params(self) -> dict[str, str]:
+        """Every setting as the run's param, spelled as ``-P`` would give it."""
+        return {f.name: self.spell(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+
+# ------------------------------------------------------------------------------------------------
+# Backbone hyper-parameters: ``key=value,key=value`` checked against the backbone's dataclass fields
+
+
+def parse_hyper(text: str) -> dict:
+    """``key=value,key=value`` (values parsed as JSON where they parse, else kept as strings)."""
+    hyper = {}
+    for item in filter(None, (part.strip() for part in text.split(","))):
+        key, sep, raw = item.partition("=")
+        if not sep:
+            raise ValueError(f"--hyper: {item!r} is not key=value")
+        try:
+            hyper[key.strip()] = json.loads(raw)
+        except json.JSONDecodeError:
+            hyper[key.strip()] = raw
+    return hyper
+
+
+def spell_hyper(hyper: dict) -> str:
+    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hyper.items())
+
+
+def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = None) -> dict:
+    """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, and the
+    bounds a field declares in its metadata (``ge``, ``gt``, ``le``, as :func:`setting` writes them) or
+    ``bounds`` gives by name; the model is not built. Returns ``hyper`` in canonical form."""
+    from psydef.backbones import backbone_class
+
+    cls = backbone_class(backbone)
+    known = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(hyper) - set(known))
+    if unknown:
+        raise ValueError(f"--hyper: unknown hyper-parameter(s) {', '.join(unknown)} for backbone {backbone}; "
+                         f"valid: {', '.join(known)}")
+    hints = typing.get_type_hints(cls)
+    checked = {}
+    for key, value in hyper.items():
+        kind, optional = base_type(hints[key])
+        if value is None and optional:
+            checked[key] = None
+            continue
+        if kind is str and not isinstance(value, str):
+            value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
+        declared = {k: v for k, v in known[key].metadata.items() if k in ("ge", "gt", "le", "choices")}
+        checked[key] = _check_value(f"--hyper {key}", kind, value, {**declared, **(bounds or {}).get(key, {})})
+    return checked
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages
+
+
+def _like(config: type, name: str, **changes):
+    """The setting ``name`` of ``config`` again (default, help, bounds), for a command that passes
+    it on (``main``); ``changes`` override parts of it."""
+    f = {f.name: f for f in dataclasses.fields(config)}[name]
+    default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
+    return setting(changes.pop("default", default), **{**f.metadata, **changes})
+
+
+@dataclass(frozen=True)
+class PrepareConfig(Settings):
+    data_dir: Path = setting(DATA_DIR, "Folder with train.json and optionally test.json.", input_path=True)
+    seed: int = setting(42, "Seed of the augmentation and of the fold assignment.")
+    n_splits: int = setting(5, "Number of cross-validation folds.", ge=2)
+    group_by: str = setting("dialogue", "dialogue: honest for new conversations; utterance: mirrors the "
+                                        "record-level test split.", choices="psydef.core.folds:GROUP_BY")
+
+
+@dataclass(frozen=True)
+class TrainConfig(Settings):
+    data_dir: Path = _like(PrepareConfig, "data_dir")
+    seed: int = setting(42, "Training seed.")
+    prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: run prepare first).")
+    backbone: str = setting("auto", "auto = qwen3-8b-qlora when CUDA is available, else minilm.",
+                            choices="psydef.backbones:CHOICES")
+    model: str | None = setting(None, "HF id or local path of the LLM backbone's base model (default: the backbone's).")
+    fold: int | None = setting(None, "'all', or one fold index (trains under a parent).", ge=0, none="all")
+    parent_run_id: str | None = setting(None, "With --fold k: the parent run to train under (default: the latest "
+                                              "matching one, else a new one).")
+    resume: bool = setting(False, "true: reopen the latest matching parent and train only its unfinished folds.")
+    epochs: int | None = setting(None, "Training epochs (default: the backbone's).", ge=1)
+    learning_rate: float | None = setting(None, "Learning rate (default: the backbone's).", gt=0)
+    hyper: dict = setting({}, "More backbone hyper-parameters as key=value,key=value.", parse=parse_hyper,
+                          spell=spell_hyper)
+
+    def check(self) -> None:
+        if self.prepare_run_id is None and (self.fold is not None or self.resume or self.parent_run_id):
+            raise ValueError("--resume, --fold and --parent-run-id need --prepare-run-id (the folds the parent "
+                             "was trained on)")
+        self.backbone_hyper()  # --hyper, --epochs, --learning-rate checked against the backbone's fields
+
+    def backbone_name(self) -> str:
+        """The backbone ``auto`` stands for on this machine."""
+        from psydef.backbones import resolve_backbone_name
+
+        return resolve_backbone_name(self.backbone)
+
+    def backbone_hyper(self) -> dict:
+        """The backbone's hyper-parameters: ``hyper`` with ``epochs``, ``learning_rate`` and ``model``
+        where given (``model`` only for a backbone that takes one)."""
+        name = self.backbone_name()
+        extra = {k: getattr(self, k) for k in ("epochs", "learning_rate") if getattr(self, k) is not None}
+        from psydef.backbones import backbone_class
+
+        if self.model is not None and "model" in {f.name for f in dataclasses.fields(backbone_class(name))}:
+            extra["model"] = self.model
+        return check_hyper(name, {**self.hyper, **extra}, BOUNDS_BY_NAME)
+
+
+# --epochs and --learning-rate are shortcuts for --hyper epochs=... and learning_rate=...: the same bounds
+BOUNDS_BY_NAME = {f.name: f.metadata for f in dataclasses.fields(TrainConfig) if f.name in ("epochs", "learning_rate")}
+
+
+@dataclass(frozen=True)
+class AggregateConfig(Settings):
+    parent_run_id: str = setting(help="The train (parent) run whose fold runs to aggregate.")
+    data_dir: Path = _like(PrepareConfig, "data_dir")
+    prepare_run_id: str | None = setting(None, f"The prepare run of its folds (default: the run's "
+                                               f"{tracking.PREPARE_RUN_ID} tag).")
+
+
+@dataclass(frozen=True)
+class TuneConfig(Settings):
+    train_runs: tuple[str, ...] = setting((), "Comma-separated train (parent) run ids; default: the latest FINISHED "
+                                              "train run of each seed sharing the newest one's data digest and "
+                                              "backbone.")
+    n_trials: int = setting(2000, "Complete trials the study should hold (a stored study is resumed up to this "
+                                  "total).", ge=1)
+    sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
+    gate: bool = setting(True, "Search the level-7 confidence gate tau7 as well (true/false).")
+    seed: int = setting(0, "Sampler seed; give each parallel tune its own.")
+    storage: str | None = setting(None, "Optuna storage: sqlite:///optuna.db or a journal file (path.journal); "
+                                        "default: in memory.")
+    study_name: str | None = setting(None, "Default: calibration-<member run id prefixes>.")
+    inner_trials: int = setting(500, "Trials of each outer fold's search in the nested (honest) estimate.", ge=1)
+
+
+@dataclass(frozen=True)
+class RegisterConfig(Settings):
+    tune_run: str = setting(help="Run id of the tune run whose ensemble.json to register.")
+    name: str = setting(tracking.MODEL_NAME, "Registered model name.")
+
+
+@dataclass(frozen=True)
+class PromoteConfig(Settings):
+    version: int | None = setting(None, "Model version to promote (default: the newest).", ge=1)
+    name: str = _like(RegisterConfig, "name")
+    force: bool = setting(False, f"true: promote even if its {tracking.NESTED_F1} is below production's.")
+    legacy_stage: bool = setting(False, f"true: also move it to the deprecated registry stage "
+                                        f"{tracking.LEGACY_STAGE!r}.")
+
+
+@dataclass(frozen=True)
+class PredictConfig(Settings):
+    data_dir: Path = setting(DATA_DIR, "Folder holding test.json, or the path of any official-format split file.",
+                             input_path=True)
+    model_uri: str = setting(tracking.PRODUCTION_URI, "Model to predict with: models:/NAME@ALIAS, "
+                                                      "models:/NAME/VERSION, runs:/RUN_ID/model ...")
+    out_dir: Path = setting(Path("."), "Where prediction.json and prediction.zip are written.")
+
+
+@dataclass(frozen=True)
+class MainConfig(Settings):
+    data_dir: Path = _like(PrepareConfig, "data_dir", help="Folder with train.json and test.json.")
+    seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated training seeds (the first also prepares "
+                                                     "and tunes).")
+    backbone: str = _like(TrainConfig, "backbone")
+    model: str | None = _like(TrainConfig, "model")
+    hyper: dict = _like(TrainConfig, "hyper")
+    n_trials: int = _like(TuneConfig, "n_trials")
+    inner_trials: int = _like(TuneConfig, "inner_trials")
+    sampler: str = _like(TuneConfig, "sampler")
+    gate: bool = _like(TuneConfig, "gate")
+    model_name: str = _like(RegisterConfig, "name")
+    out_dir: Path = _like(PredictConfig, "out_dir")
+
+    def check(self) -> None:
+        if not self.seeds:
+            raise ValueError("--seeds: give at least one seed")
+        for seed in self.seeds:  # every train and tune setting checked before anything runs
+            self.train(seed)
+        self.tune([])
+
+    def prepare(self) -> PrepareConfig:
+        return PrepareConfig(data_dir=self.data_dir, seed=self.seeds[0])
+
+    def train(self, seed: int, prepare_run_id: str | None = None) -> TrainConfig:
+        return TrainConfig(data_dir=self.data_dir, seed=seed, prepare_run_id=prepare_run_id, backbone=self.backbone,
+                           model=self.model, hyper=self.hyper)
+
+    def tune(self, train_runs: list[str]) -> TuneConfig:
+        return TuneConfig(train_runs=tuple(train_runs), n_trials=self.n_trials, sampler=self.sampler, gate=self.gate,
+                          seed=self.seeds[0], inner_trials=self.inner_trials)
+
+    def register(self, tune_run: str) -> RegisterConfig:
+        return RegisterConfig(tune_run=tune_run, name=self.model_name)
+
+    def predict(self) -> PredictConfig:
+        return PredictConfig(data_dir=self.data_dir, model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION),
+                             out_dir=self.out_dir)
