@@ -18,8 +18,8 @@ def tracked(command):
                   help=f"MLflow tracking URI (default: {tracking.DEFAULT_TRACKING_URI}).")
     @functools.wraps(command)
     def wrapper(*args, experiment_name, tracking_uri, **kwargs):
-        tracking.configure(tracking_uri, experiment_name)
         try:
+            tracking.configure(tracking_uri, experiment_name)
             return command(*args, **kwargs)
         except (ValueError, FileNotFoundError, KeyError) as err:
             raise click.ClickException(str(err)) from err

@@ -59,7 +59,7 @@ def run_predict(data_path_or_dir: str | Path, *, model_uri: str = tracking.PRODU
         mlflow.log_input(mlflow.data.from_pandas(table.drop(columns="dialogue"), source=str(path),
                                                  name=f"psydefconv-{path.stem}", digest=dataset_digest(table)),
                          context="inference")
-        model = mlflow.pyfunc.load_model(loaded_uri)
+        model = tracking.load_model(loaded_uri)
         inputs = table.loc[:, list(INPUT_COLUMNS)]
         chunks = []
         with tqdm(total=len(table), desc="predict", unit="utt", disable=len(table) <= CHUNK_ROWS) as bar:
