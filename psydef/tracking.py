@@ -3,7 +3,13 @@ helpers that read and write them. Tracking code never does math."""
 from __future__ import annotations
 
 import os
+import random
+import signal
+import socket
 import tempfile
+import threading
+import time
+import uuid
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -33,6 +39,9 @@ NOTE = "mlflow.note.content"  # a run's description (the UI's Description box)
 # The UI opens an experiment of this kind on its training-runs table (untagged: the GenAI traces view)
 EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 DATASET_CONTEXT, TRAINING = "mlflow.data.context", "training"  # a dataset input's role
+# Liveness of a stage run (see "Heartbeat" below): unix time of the last beat, and who beats
+HEARTBEAT, HEARTBEAT_PID, HEARTBEAT_HOST = "psydef.heartbeat", "psydef.pid", "psydef.host"
+END_REASON = "psydef.end_reason"  # why a run was ended by another process
 
 # Stages (values of the STAGE tag)
 PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
@@ -68,6 +77,7 @@ LEGACY_STAGE = "Production"
 
 # Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
 NESTED_F1, CALIBRATED_F1 = "oof_macro_f1_nested", "oof_macro_f1_calibrated"
+GATE_METRIC = NESTED_F1  # what the promote gate compares: rename in one line
 # Model version tags (lineage)
 V_TUNE_RUN_ID, V_TRAIN_RUN_IDS, V_DATA_DIGEST, V_BACKBONE = "tune_run_id", "train_run_ids", "data_digest", "backbone"
 
@@ -79,15 +89,29 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it."""
     import mlflow
 
+    from psydef import progress
+
+    progress.line_buffered()  # psydef's lines in order with the bars, also when output goes to a file
     os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per tiny file is noise
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
+    probe(uri)
     mlflow.set_tracking_uri(uri)
     active_run_id = os.environ.get("MLFLOW_RUN_ID")
     if active_run_id and not experiment:  # launched by `mlflow run`: its run names the experiment
         found = mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id)
     else:
-        found = mlflow.set_experiment(experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT)
+        name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
+        root = sqlite_artifact_root(uri)
+        if root is not None and mlflow.get_experiment_by_name(name) is None:
+            from mlflow.exceptions import MlflowException
+
+            try:
+                mlflow.create_experiment(name, artifact_location=root)
+            except MlflowException as err:  # another process created it first
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+        found = mlflow.set_experiment(name)
     if EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI stays
         client().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT)
     return found.experiment_id
@@ -98,6 +122,45 @@ def ui_runs_url(server: str, experiment_id: str) -> str:
     experiment in the GenAI view (traces) unless the link or the browser's last choice says
     ``workflowType=machine_learning``; it does not read the experiment's kind tag for that."""
     return f"{server.rstrip('/')}/#/experiments/{experiment_id}/runs?workflowType=machine_learning"
+
+
+def sqlite_artifact_root(uri: str) -> str | None:
+    """The artifact root of new experiments in a SQLite store: ``mlruns/<store name>`` beside the
+    database file (``sqlite:///a/mlflow.db`` -> ``a/mlruns/mlflow``), so two stores in one folder
+    never share artifacts. None for other stores (a server chooses its own)."""
+    if not uri.startswith("sqlite:///"):
+        return None
+    db = Path(uri[len("sqlite:///"):])
+    if str(db) in ("", ":memory:"):
+        return None
+    return (db.resolve().parent / "mlruns" / db.stem).as_uri()
+
+
+PROBE_TIMEOUT_S = 5  # the first contact with a tracking server; MLflow's own retries apply after it
+
+
+class TrackingStoreUnreachable(ValueError):
+    """The tracking server did not answer the first request."""
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
+    """For an http(s) tracking URI: one request to ``/health`` with a short timeout, so that a server
+    that is not there fails at once with one line (MLflow would retry for minutes, then print a
+    chained traceback). Any HTTP answer, an error status included, means a server is there."""
+    if not uri.startswith(("http://", "https://")):
+        return
+    import urllib.error
+    import urllib.request
+
+    try:
+        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+    except urllib.error.HTTPError:
+        return
+    except (OSError, ValueError) as err:
+        reason = getattr(err, "reason", err)
+        raise TrackingStoreUnreachable(
+            f"tracking server {uri} does not answer ({reason}): check that it is running (bash "
+            "mlruns_config/start_server.sh), its host and port, and MLFLOW_TRACKING_URI / --tracking-uri") from None
 
 
 def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
@@ -141,9 +204,14 @@ def stage_run(stage: str, run_name: str, tags: dict | None = None):
     under ``mlflow run`` the first stage takes over the run that ``mlflow run`` created."""
     import mlflow
 
-    with mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+    from psydef import progress
+
+    mark_dead_runs_failed()
+    with _failed_on_sigterm(), mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({STAGE: stage, **(tags or {})})  # start_run ignores tags when resuming a run
-        yield run
+        progress.banner(f"{stage}: {run_name} (run {run.info.run_id})")
+        with heartbeat(run.info.run_id):
+            yield run
 
 
 def log_new_params(params: dict, run_id: str | None = None) -> None:
@@ -333,3 +401,274 @@ def resolve_model_uri(model_uri: str) -> str:
         wanted = f"in stage {parsed.stage!r}" if parsed.stage else "at all"
         raise ValueError(f"{model_uri} does not exist: registered model {name!r} has no version {wanted}") from err
     return registered_model_uri(name, version=version)
+
+
+# ---------------------------------------------------------------------------------------------
+# Heartbeat: no run stays RUNNING after its process is gone
+#
+# Every stage run (stage_run) carries the pid and host of its process and a heartbeat tag that a
+# daemon thread refreshes every HEARTBEAT_S seconds. SIGINT and SIGTERM end it FAILED (the run's
+# context exits with an exception). For SIGKILL or a lost machine, every stage first marks FAILED
+# the RUNNING runs of its experiment whose process is gone: same host and no such pid, or no beat
+# for STALE_AFTER_S seconds (another machine). Runs without a heartbeat (fold runs of parallel fold
+# jobs, the parent they share) are left to the train stage (mark_stale_folds_failed), except the
+# nested runs of a dead stage run.
+
+HEARTBEAT_S = 30.0
+STALE_AFTER_S = 300.0  # ten missed beats: a slow server delays a beat, it does not stop ten
+_beating: set[str] = set()
+_beating_lock = threading.Lock()
+_beater: threading.Thread | None = None
+
+
+def _beat_forever() -> None:
+    from mlflow.exceptions import MlflowException
+
+    while True:
+        time.sleep(HEARTBEAT_S)
+        with _beating_lock:
+            run_ids = list(_beating)
+        for run_id in run_ids:
+            try:
+                client().set_tag(run_id, HEARTBEAT, str(int(time.time())))
+            except (MlflowException, OSError):  # a server away for a moment; the next beat retries
+                pass
+
+
+@contextmanager
+def heartbeat(run_id: str):
+    """Tag ``run_id`` with this process's pid and host and keep its heartbeat fresh while inside."""
+    global _beater
+
+    client().log_batch(run_id, tags=[_tag(HEARTBEAT, str(int(time.time()))), _tag(HEARTBEAT_PID, str(os.getpid())),
+                                     _tag(HEARTBEAT_HOST, socket.gethostname())])
+    with _beating_lock:
+        _beating.add(run_id)
+        if _beater is None or not _beater.is_alive():
+            _beater = threading.Thread(target=_beat_forever, name="psydef-heartbeat", daemon=True)
+            _beater.start()
+    try:
+        yield
+    finally:
+        with _beating_lock:
+            _beating.discard(run_id)
+
+
+def _tag(key: str, value: str):
+    from mlflow.entities import RunTag
+
+    return RunTag(key, value)
+
+
+@contextmanager
+def _failed_on_sigterm():
+    """SIGTERM raises SystemExit(143) in the main thread (SIGINT raises KeyboardInterrupt already), so
+    the runs being left end FAILED. Installed only over the default handler, only by the outermost."""
+    if threading.current_thread() is not threading.main_thread() or \
+            signal.getsignal(signal.SIGTERM) is not signal.SIG_DFL:
+        yield
+        return
+
+    def terminate(signum, frame):
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, terminate)
+    try:
+        yield
+    finally:
+        signal.signal(signal.SIGTERM, signal.SIG_DFL)
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process
+        return True
+    return True
+
+
+def why_dead(run, now: float | None = None) -> str | None:
+    """Why a RUNNING run's process is gone (see above), or None while it may be alive."""
+    tags = run.data.tags
+    if HEARTBEAT not in tags:
+        return None
+    host, pid = tags.get(HEARTBEAT_HOST), tags.get(HEARTBEAT_PID, "")
+    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+        return f"its process (pid {pid} on {host}) is gone"
+    silent = (now or time.time()) - float(tags[HEARTBEAT])
+    if silent > STALE_AFTER_S:
+        return f"no heartbeat from pid {pid} on {host} for {silent:.0f} s"
+    return None
+
+
+def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
+    """End FAILED every RUNNING run of the experiment (default: the current one) whose process is
+    gone, with its nested runs that carry no heartbeat of their own and its pending logged models;
+    returns their ids."""
+    from mlflow.entities import LoggedModelStatus
+    from mlflow.environment_variables import MLFLOW_EXPERIMENT_ID
+
+    experiment_id = experiment_id or MLFLOW_EXPERIMENT_ID.get()
+    if not experiment_id:
+        return []
+    mlflow_client = client()
+    running = mlflow_client.search_runs([experiment_id], filter_string="attributes.status = 'RUNNING'",
+                                        max_results=5000)
+    ended = []
+    for run in running:
+        reason = why_dead(run)
+        if reason is None:
+            continue
+        run_id = run.info.run_id
+        orphans = [r.info.run_id for r in running if r.data.tags.get(PARENT_RUN_ID) == run_id and HEARTBEAT not in r.data.tags]
+        for dead in (run_id, *orphans):
+            mlflow_client.set_tag(dead, END_REASON, f"marked FAILED by pid {os.getpid()} on {socket.gethostname()}: "
+                                                    + (reason if dead == run_id else f"parent run {run_id}: {reason}"))
+            mlflow_client.set_terminated(dead, "FAILED")
+            for model in mlflow_client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{dead}'"):
+                if model.status == LoggedModelStatus.PENDING:
+                    mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
+            ended.append(dead)
+        print(f"{run.data.tags.get(STAGE, 'run')} run {run_id} was left RUNNING: {reason}; marked FAILED"
+              + (f" with its nested runs {orphans}" if orphans else ""))
+    return ended
+
+
+# ---------------------------------------------------------------------------------------------
+# Promotion lease: one promote at a time per registered model, across machines
+#
+# MLflow has no compare-and-set for aliases, but creating a registered model is atomic: the store's
+# unique key on the name lets exactly one of several concurrent creates succeed (the others get
+# RESOURCE_ALREADY_EXISTS), on SQLite, PostgreSQL and through a tracking server alike. The lease on
+# model NAME is the registered model ``NAME.promote-lease``, tagged with its owner and expiry; it is
+# deleted when the promote ends. Others wait with jittered exponential backoff; a lease past its
+# expiry (its owner died) is deleted and contested again. The owner re-reads the lease before and
+# after it moves the aliases, so a promote that lost its lease never reports success.
+
+LEASE_SUFFIX = ".promote-lease"
+LEASE_OWNER, LEASE_EXPIRES = "psydef.lease_owner", "psydef.lease_expires"
+LEASE_TTL_S = 120.0  # far above the seconds a promote holds it (a few registry calls)
+LEASE_WAIT_S = 600.0
+
+
+class LeaseLost(RuntimeError):
+    """Another process holds the promotion lease this process thought it held."""
+
+
+def lease_name(name: str) -> str:
+    return f"{name}{LEASE_SUFFIX}"
+
+
+class PromotionLease:
+    def __init__(self, name: str, ttl: float = LEASE_TTL_S):
+        self.name, self.ttl = lease_name(name), ttl
+        self.owner = f"{socket.gethostname()}:{os.getpid()}:{uuid.uuid4().hex[:12]}"
+
+    def _read(self):
+        """The lease's registered model, or None when nobody holds it."""
+        from mlflow.exceptions import MlflowException
+
+        try:
+            return client().get_registered_model(self.name)
+        except MlflowException as err:
+            if err.error_code == "RESOURCE_DOES_NOT_EXIST":
+                return None
+            raise
+
+    def acquire(self, wait: float = LEASE_WAIT_S) -> "PromotionLease":
+        from mlflow.exceptions import MlflowException
+
+        deadline, delay = time.monotonic() + wait, 0.05
+        while True:
+            try:
+                client().create_registered_model(
+                    self.name, tags={LEASE_OWNER: self.owner, LEASE_EXPIRES: repr(time.time() + self.ttl)},
+                    description="Held while `psydef promote` moves the aliases; deleted when it ends.")
+                if self.held():
+                    return self
+            except MlflowException as err:
+                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                    raise
+            current = self._read()
+            if current is not None and float(current.tags.get(LEASE_EXPIRES, "0")) < time.time():
+                again = self._read()  # delete only the lease seen expired, not one taken since
+                if again is not None and again.tags.get(LEASE_OWNER) == current.tags.get(LEASE_OWNER):
+                    print(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} expired; taking it over")
+                    self._delete()
+                continue
+            if time.monotonic() > deadline:
+                holder = current.tags.get(LEASE_OWNER) if current is not None else "?"
+                raise ValueError(f"promote: registered model {self.name} (the promotion lease) is held by {holder} "
+                                 f"for more than {wait:.0f} s; if that process is gone it expires by itself")
+            time.sleep(delay * random.uniform(0.5, 1.5))
+            delay = min(2 * delay, 2.0)
+
+    def held(self) -> bool:
+        current = self._read()
+        return (current is not None and current.tags.get(LEASE_OWNER) == self.owner
+                and float(current.tags.get(LEASE_EXPIRES, "0")) > time.time())
+
+    def check(self, what: str) -> None:
+        if not self.held():
+            raise LeaseLost(f"promote: lost the promotion lease {self.name} {what}; another promote took over. "
+                            "Check the aliases of the model and promote again")
+
+    def _delete(self) -> None:
+        from mlflow.exceptions import MlflowException
+
+        try:
+            client().delete_registered_model(self.name)
+        except MlflowException as err:
+            if err.error_code != "RESOURCE_DOES_NOT_EXIST":
+                raise
+
+    def release(self) -> None:
+        if self.held():
+            self._delete()
+
+
+@contextmanager
+def promotion_lease(name: str, *, ttl: float = LEASE_TTL_S, wait: float = LEASE_WAIT_S):
+    """Hold the promotion lease of registered model ``name`` inside the block."""
+    lease = PromotionLease(name, ttl).acquire(wait)
+    try:
+        yield lease
+    finally:
+        lease.release()
+
+
+# ---------------------------------------------------------------------------------------------
+# Loading a model: one line when it fails, and the smoke test that register and promote share
+
+
+def load_model(model_uri: str):
+    """``mlflow.pyfunc.load_model``, failures as a one-line ``ValueError`` naming ``model_uri``."""
+    import mlflow
+
+    try:
+        return mlflow.pyfunc.load_model(model_uri)
+    except Exception as err:  # whatever breaks loading: a broken file, a missing package, ...
+        raise ValueError(f"{model_uri} failed to load: {_one_line(err)}") from err
+
+
+def _one_line(err: BaseException) -> str:
+    text = " ".join(str(err).split())
+    return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
+
+
+def smoke_test(model_uri: str) -> None:
+    """Load the model and predict the built-in example; any failure means it cannot serve (a
+    ``ValueError`` naming the URI)."""
+    from psydef.core.data import example_input
+    from psydef.core.labels import PROB_COLUMNS
+
+    example = example_input()
+    model = load_model(model_uri)
+    try:
+        out = model.predict(example)
+    except Exception as err:  # whatever breaks predicting, the model is not servable
+        raise ValueError(f"{model_uri} failed to predict on the built-in example: {_one_line(err)}") from err
+    if list(out["id"]) != list(example["id"]) or not np.allclose(out[list(PROB_COLUMNS)].sum(axis=1), 1.0):
+        raise ValueError(f"{model_uri} answered the built-in example with an invalid prediction:\n{out}")

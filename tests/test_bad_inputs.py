@@ -45,6 +45,16 @@ DATA_DEFECTS = {
     "last turn differs from current_text": (_edit_record(lambda r, _: r.update(current_text="something else")),
                                             r": record 3 \(id '\w+_00003'\): the last dialogue turn differs "
                                             r"from 'current_text'"),
+    "empty target utterance": (_edit_record(lambda r, _: (r.update(current_text=""), r["dialogue"][-1].update(text=""))),
+                               r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
+    "whitespace-only target": (_edit_record(lambda r, _: (r.update(current_text=" \t"), r["dialogue"][-1].update(text=" \t"))),
+                               r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
+    "an utterance over the size limit": (_edit_record(lambda r, _: r["dialogue"][0].update(text="x" * 10_001)),
+                                         r": record 3 \(id '\w+_00003'\): the length of dialogue turn 0 \(characters\) "
+                                         r"is 10,001, over the limit of 10,000 \(set PSYDEF_MAX_UTTERANCE_CHARS"),
+    "a dialogue over the size limit": (_edit_record(lambda r, _: r.update(dialogue=[{"speaker": "supporter", "text": "ok"}] * 200 + r["dialogue"])),
+                                       r": record 3 \(id '\w+_00003'\): the number of dialogue turns is 20\d, over the "
+                                       r"limit of 200 \(set PSYDEF_MAX_DIALOGUE_TURNS"),
     "duplicate ids": (_edit_record(lambda r, records: r.update(id=records[0]["id"])),
                       r": record 3 \(id '(\w+_00000)'\): duplicate id '\1' \(first seen at record 0\)"),
 }
@@ -121,6 +131,13 @@ def test_model_uri_that_does_not_resolve(store, data_dir, tmp_path, model_uri, m
     _refused(store, ["predict", "--data-dir", str(data_dir), "--model-uri", model_uri, "--out-dir",
                      str(tmp_path / "out")], message)
     assert not (tmp_path / "out" / tracking.PREDICTION_JSON).exists()
+
+
+def test_input_limits_are_configurable(store, data_dir, tmp_path, monkeypatch):
+    monkeypatch.setenv("PSYDEF_MAX_DIALOGUE_CHARS", "50")
+    _refused(store, ["predict", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")],
+             re.escape(str(data_dir / "test.json")) + r": record 0 \(id 'test_00000'\): the length of the dialogue "
+             r"\(characters, all turns\) is \d+, over the limit of 50 \(set PSYDEF_MAX_DIALOGUE_CHARS")
 
 
 def test_predict_input_with_a_missing_column(store, data_dir, tmp_path):

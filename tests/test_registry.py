@@ -133,7 +133,7 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     # a version that cannot load is not promoted, even with force: the model file imports the patched name
     monkeypatch.setattr("psydef.backbones.load_adapters", broken_adapters)
     newest = max(int(v.version) for v in versions)
-    with pytest.raises(ValueError, match="failed to load or to predict"):
+    with pytest.raises(ValueError, match="failed to (load|predict)"):
         promote_stage.promote(newest, force=True)
     assert _production() == production
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == len(versions)
@@ -230,7 +230,8 @@ def test_serving_answers_a_request(store, champion, tmp_path):
     bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
     command = [str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
                "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}"}
+    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
+           "PSYDEF_MAX_REQUEST_ROWS": "5"}  # the input limits, set where the model is served
     log = tmp_path / "serve.log"
     try:
         server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
@@ -262,6 +263,12 @@ def test_serving_answers_a_request(store, champion, tmp_path):
         status, answer = _post(f"http://127.0.0.1:{port}/invocations",
                                {"dataframe_split": bad.to_dict(orient="split", index=False)})
         assert status == 400 and "id 'row_000'" in answer["message"], answer
+        for oversized, message in ((ensemble_rows(6, labelled=False), "the number of rows is 6, over the limit of 5"),
+                                   (rows.assign(current_text="x" * 10_001, dialogue=[[{"speaker": "seeker", "text": "x" * 10_001}]] * 5),
+                                    "over the limit of 10,000 (set PSYDEF_MAX_UTTERANCE_CHARS")):
+            status, answer = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": oversized[
+                ["id", "dialogue", "current_text"]].to_dict(orient="split", index=False)})
+            assert status == 400 and message in answer["message"], answer
     finally:
         _stop(server)
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import hashlib
 import json
+import os
+from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -26,6 +28,41 @@ class DataError(ValueError):
     """Input that does not follow the official format; the message names where and what to do."""
 
 
+@dataclass(frozen=True)
+class InputLimits:
+    """Sizes above which a record is refused, so that one request cannot tie up a model server.
+
+    The defaults are far above PsyDefConv's largest record (1,403 characters in one turn, 54 turns,
+    4,684 characters in one dialogue); each is configurable through ``PSYDEF_<FIELD>`` in the
+    environment of the process that validates (``predict``, ``mlflow models serve``), e.g.
+    ``PSYDEF_MAX_DIALOGUE_TURNS=500``."""
+    max_utterance_chars: int = 10_000  # any one turn, the target included
+    max_dialogue_turns: int = 200
+    max_dialogue_chars: int = 100_000  # all turns of one record together
+    max_request_rows: int = 10_000  # rows in one call of the model (one HTTP request)
+
+    @classmethod
+    def from_env(cls) -> "InputLimits":
+        values = {}
+        for field in fields(cls):
+            variable = f"PSYDEF_{field.name.upper()}"
+            raw = os.environ.get(variable)
+            if raw is None:
+                continue
+            try:
+                values[field.name] = int(raw)
+            except ValueError:
+                raise DataError(f"{variable}={raw!r} is not an integer") from None
+            if values[field.name] < 1:
+                raise DataError(f"{variable}={raw!r} must be >= 1")
+        return cls(**values)
+
+
+def _limit(where: str, what: str, size: int, limit: int, variable: str) -> None:
+    if size > limit:
+        raise DataError(f"{where}: {what} is {size:,}, over the limit of {limit:,} (set {variable} to change it)")
+
+
 def _where(source: str, index: int | None, record: Any) -> str:
     if index is None:
         return source
@@ -42,6 +79,7 @@ def validate_records(records: Any, *, source: str = "input", labelled: bool | No
         raise DataError(f"{source}: the top level must be a JSON list of records, got {type(records).__name__}")
     if not records:
         raise DataError(f"{source}: the list of records is empty")
+    limits = InputLimits.from_env()
     seen: dict[str, int] = {}
     for i, rec in enumerate(records):
         where = _where(source, i, rec)
@@ -68,6 +106,16 @@ def validate_records(records: Any, *, source: str = "input", labelled: bool | No
             if turn.get("speaker") not in SPEAKERS:
                 raise DataError(f"{where}: dialogue turn {t} has speaker {turn.get('speaker')!r}; "
                                 f"expected one of {', '.join(SPEAKERS)}")
+        if not rec["current_text"].strip():
+            raise DataError(f"{where}: field 'current_text' is empty or only whitespace; there is no target "
+                            "utterance to label")
+        _limit(where, "the number of dialogue turns", len(dialogue), limits.max_dialogue_turns,
+               "PSYDEF_MAX_DIALOGUE_TURNS")
+        longest = max(range(len(dialogue)), key=lambda t: len(dialogue[t]["text"]))
+        _limit(where, f"the length of dialogue turn {longest} (characters)", len(dialogue[longest]["text"]),
+               limits.max_utterance_chars, "PSYDEF_MAX_UTTERANCE_CHARS")
+        _limit(where, "the length of the dialogue (characters, all turns)", sum(len(t["text"]) for t in dialogue),
+               limits.max_dialogue_chars, "PSYDEF_MAX_DIALOGUE_CHARS")
         if dialogue[-1]["text"] != rec["current_text"]:
             raise DataError(f"{where}: the last dialogue turn differs from 'current_text'; the dialogue must "
                             "end with the target utterance")
@@ -127,8 +175,11 @@ def example_input() -> pd.DataFrame:
 
 def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
     """The model's input as a validated data table; ``dialogue`` may be a list of turns or its JSON
-    string. Raises ``DataError`` naming the row id and the field at fault. (A missing column never
-    gets here: MLflow's signature enforcement refuses it first, naming the column.)"""
+    string. Raises ``DataError`` naming the row id and the field at fault, or when the input is over
+    :class:`InputLimits` (rows per call, sizes). (A missing column never gets here: MLflow's signature
+    enforcement refuses it first, naming the column.)"""
+    _limit("model input", "the number of rows", len(model_input), InputLimits.from_env().max_request_rows,
+           "PSYDEF_MAX_REQUEST_ROWS")
     records = []
     for i, (rid, dialogue, current_text) in enumerate(model_input.loc[:, list(INPUT_COLUMNS)].itertuples(index=False)):
         if isinstance(dialogue, str):

@@ -55,7 +55,7 @@ def run_predict(config: PredictConfig) -> Predicted:
                                  "n_records": len(table)})
         tracking.log_dataset(table.drop(columns="dialogue"), path, name=f"psydefconv-{path.stem}",
                              digest=dataset_digest(table), context="inference")
-        model = mlflow.pyfunc.load_model(loaded_uri)
+        model = tracking.load_model(loaded_uri)
         inputs = table.loc[:, list(INPUT_COLUMNS)]
         chunks = []
         with tqdm(total=len(table), desc="predict", unit="utt", disable=len(table) <= CHUNK_ROWS) as bar:

@@ -1,7 +1,9 @@
 """The ``register`` stage: a tune run's ensemble as a new version of ``psydef-ensemble``.
 
 The ensemble (a pyfunc logged by a ``register`` run, see :mod:`psydef.ensemble`) carries every member's
-fold adapters and the calibration; the version's tags carry its lineage and its tune metrics."""
+fold adapters and the calibration; the version's tags carry its lineage and its tune metrics. The
+logged model must load and predict (the smoke test ``promote`` runs too) before a version is created:
+a version that cannot serve is never registered."""
 from __future__ import annotations
 
 import tempfile
@@ -34,6 +36,42 @@ def _download_adapter(fold_run, member_run_id: str, dst: Path) -> str:
                          f"{member_run_id}) has no {tracking.ADAPTER_DIR}/ artifact; train that fold again")
     return mlflow.artifacts.download_artifacts(run_id=fold_run_id, artifact_path=tracking.ADAPTER_DIR,
                                                dst_path=str(dst))
+
+
+def _broken_file(adapter_dir: Path) -> str:
+    """The first file of an adapter folder that does not parse (safetensors, JSON), else the folder."""
+    import json
+
+    from safetensors import safe_open
+
+    for path in sorted(Path(adapter_dir).rglob("*")):
+        try:
+            if path.suffix == ".safetensors":
+                with safe_open(str(path), framework="numpy") as f:
+                    for key in f.keys():
+                        f.get_tensor(key)
+            elif path.suffix == ".json":
+                json.loads(path.read_text())
+        except Exception as err:  # noqa: BLE001 - the message names whatever is wrong with the file
+            return f"{tracking.ADAPTER_DIR}/{path.relative_to(adapter_dir)} ({type(err).__name__}: {err})"
+    return f"{tracking.ADAPTER_DIR}/"
+
+
+def _diagnose(adapter_dirs, members, folds_of) -> str:
+    """Which fold run's adapter breaks the model, and which of its files: each adapter is loaded and
+    predicts the built-in example on its own."""
+    from psydef.backbones import load_adapter
+    from psydef.core.data import example_input, input_table
+
+    rows = input_table(example_input())
+    for member, dirs, folds in zip(members, adapter_dirs, folds_of):
+        for fold, adapter_dir in zip(folds, dirs):
+            try:
+                load_adapter(adapter_dir).predict_logits(rows)
+            except Exception:  # noqa: BLE001 - found the culprit; its file is named below
+                return (f"fold run {fold.info.run_id} (fold {fold.data.tags.get(tracking.FOLD)} of train run "
+                        f"{member.info.run_id}): {_broken_file(Path(adapter_dir))}; train that fold again")
+    return "every adapter loads on its own"
 
 
 def _one(values: set, what: str, spec: EnsembleSpec) -> str:
@@ -75,15 +113,24 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.NESTED_F1, tracking.CALIBRATED_F1)},
     }
     with tempfile.TemporaryDirectory() as tmp:
+        folds_of = [complete_fold_runs(member) for member in members]
         adapter_dirs = [[_download_adapter(fold, member.info.run_id, Path(tmp) / f"member_{i}" / f"fold_{k}")
-                         for k, fold in enumerate(complete_fold_runs(member))]
-                        for i, member in enumerate(members)]
+                         for k, fold in enumerate(folds)]
+                        for i, (member, folds) in enumerate(zip(members, folds_of))]
         with tracking.stage_run(tracking.REGISTER, f"register {name}", {tracking.V_TUNE_RUN_ID: tune_run_id}) as run:
             from psydef.ensemble import log_ensemble_model
 
             tracking.log_new_params({**RegisterConfig(tune_run_id, name).params(), "n_members": len(spec.members),
                                      "n_adapters": sum(map(len, adapter_dirs))})
             info = log_ensemble_model(spec, adapter_dirs)
+            try:
+                tracking.smoke_test(info.model_uri)
+            except ValueError as err:
+                from mlflow.entities import LoggedModelStatus
+
+                tracking.client().finalize_logged_model(info.model_id, LoggedModelStatus.FAILED)
+                raise ValueError(f"register: no version created: {err}; at fault: "
+                                 f"{_diagnose(adapter_dirs, members, folds_of)}") from err
             version = mlflow.register_model(info.model_uri, name, tags=tags)
             text = _description(spec, members, tags, sum(map(len, adapter_dirs)))
             tracking.describe_version(name, version.version, text)

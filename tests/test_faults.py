@@ -1,0 +1,223 @@
+"""Faults injected on purpose: a broken adapter file, a tracking server that is not there, stage
+processes killed (SIGKILL, SIGTERM) or silent on another machine.
+
+The store is tests/conftest.py's registered tiny ensemble (``registry_store``, ``champion``); the
+killed processes are real ``python -m entrypoints.*`` jobs (tests/conftest.py's ``TrainJobs``)."""
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.parse
+from pathlib import Path
+
+import mlflow
+import pytest
+from click.testing import CliRunner
+from mlflow import MlflowClient
+from mlflow.entities import LoggedModelStatus
+
+from entrypoints.cli import cli
+from psydef import tracking
+from tests.conftest import REPO, TrainJobs
+from tests.servers import clean_env, free_port
+
+NAME = tracking.MODEL_NAME
+
+
+@pytest.fixture(scope="module")
+def store(registry_store, champion, tmp_path_factory):
+    """The registry store, plus two fake train runs with OOF logits (test_tune's) to tune."""
+    from tests.test_tune import Store
+
+    fake = Store(tmp_path_factory.mktemp("tune-members"),
+                 MlflowClient().get_experiment_by_name(registry_store.experiment).experiment_id)
+    prepare = fake.prepare()
+    registry_store.tune_members = [fake.train(prepare, seed) for seed in (11, 12)]
+    return registry_store
+
+
+def _versions() -> list[int]:
+    return sorted(int(v.version) for v in MlflowClient().search_model_versions(f"name = '{NAME}'"))
+
+
+def _cli(store, *args):
+    return CliRunner().invoke(cli, [*args, "--tracking-uri", store.uri, "--experiment-name", store.experiment])
+
+
+def _error_line(result) -> str:
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    errors = [line for line in result.output.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1, result.output
+    return errors[0]
+
+
+def _local(artifact_uri: str) -> Path:
+    return Path(urllib.parse.urlparse(artifact_uri).path)
+
+
+# ---- 2. no version that cannot load --------------------------------------------------------------
+@pytest.fixture
+def truncated_head(store):
+    """Fold 1 of the second member with its adapter/head.safetensors cut in half (restored afterwards)."""
+    fold = tracking.fold_runs(store.members[1])[1]
+    head = _local(fold.info.artifact_uri) / tracking.ADAPTER_DIR / "head.safetensors"
+    backup = head.with_suffix(".bak")
+    shutil.copy(head, backup)
+    head.write_bytes(backup.read_bytes()[: head.stat().st_size // 2])
+    try:
+        yield fold
+    finally:
+        shutil.move(backup, head)
+
+
+def test_register_refuses_a_model_that_cannot_load_and_names_the_file(store, truncated_head):
+    before = _versions()
+    error = _error_line(_cli(store, "register", "--tune-run", store.tune.good))
+    assert "no version created" in error and "failed to load" in error, error
+    assert f"fold run {truncated_head.info.run_id} (fold 1 of train run {store.members[1]})" in error, error
+    assert "adapter/head.safetensors" in error, error
+    assert _versions() == before
+    register_run = mlflow.search_runs(experiment_names=[store.experiment], output_format="list",
+                                      filter_string=f"tags.`{tracking.STAGE}` = '{tracking.REGISTER}'",
+                                      order_by=["attributes.start_time DESC"])[0]
+    assert register_run.info.status == "FAILED"
+    models = mlflow.search_logged_models(output_format="list",
+                                         filter_string=f"source_run_id = '{register_run.info.run_id}'")
+    assert [m.status for m in models] == [LoggedModelStatus.FAILED]
+
+
+def test_predict_names_a_model_that_fails_to_load(store, data_dir, tmp_path):
+    """A copy of the champion's model folder with one fold adapter's head.safetensors truncated."""
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(NAME, tracking.PRODUCTION)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(_local(client.get_model_version_download_uri(NAME, champion.version)), broken)
+    heads = sorted(broken.rglob("head.safetensors"))
+    assert heads
+    heads[-1].write_bytes(heads[-1].read_bytes()[:100])
+    error = _error_line(_cli(store, "predict", "--model-uri", str(broken), "--data-dir", str(data_dir),
+                             "--out-dir", str(tmp_path / "out")))
+    assert error.startswith(f"Error: {broken} failed to load: "), error
+    assert len(error) < 500
+
+
+# ---- 4. an unreachable tracking server -----------------------------------------------------------
+def test_an_unreachable_tracking_server_is_one_line(data_dir, tmp_path):
+    uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
+    proc = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
+                          env=clean_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)},
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    assert "Traceback" not in proc.stderr, proc.stderr
+    errors = [line for line in proc.stderr.splitlines() if line.startswith("Error: ")]
+    assert len(errors) == 1 and f"tracking server {uri} does not answer" in errors[0], proc.stderr
+
+
+# ---- 5. no run left RUNNING by a dead process --------------------------------------------------
+@pytest.fixture
+def jobs(store, data_dir, tmp_path):
+    tracking.configure(store.uri, store.experiment)
+    jobs = TrainJobs(store.uri, data_dir, "", tmp_path / "logs")
+    try:
+        yield jobs
+    finally:
+        jobs.close()
+
+
+def _stage_runs(store, stage: str, status: str | None = None) -> list:
+    return [r for r in mlflow.search_runs(experiment_names=[store.experiment], output_format="list",
+                                          filter_string=f"tags.`{tracking.STAGE}` = '{stage}'")
+            if status is None or r.info.status == status]
+
+
+def _running_with_heartbeat(store, stage: str, known: set):
+    new = [r for r in _stage_runs(store, stage, "RUNNING") if r.info.run_id not in known
+           and tracking.HEARTBEAT in r.data.tags]
+    return new[0] if new else None
+
+
+def _next_stage(data_dir):
+    """Any stage: here prepare, which is quick."""
+    from psydef.stages.prepare import run_prepare
+
+    return run_prepare(data_dir, seed=3)
+
+
+def _tune_job(jobs, store, name):
+    members = ",".join(store.tune_members)
+    return jobs.start("entrypoints.tune", "--train-runs", members, "--n-trials", "100000000", "--sampler", "random",
+                      "--inner-trials", "2", experiment=store.experiment, name=name)
+
+
+@pytest.mark.parametrize("moment", ["at once", "while searching"])
+def test_a_killed_tune_is_marked_failed_by_the_next_stage(store, jobs, data_dir, moment):
+    known = {r.info.run_id for r in _stage_runs(store, tracking.TUNE)}
+    proc = _tune_job(jobs, store, f"tune-{moment}")
+    run = jobs.poll_until(lambda: _running_with_heartbeat(store, tracking.TUNE, known), what="a RUNNING tune run",
+                          alive=proc)
+    if moment == "while searching":
+        jobs.poll_until(lambda: "random search" in jobs.log(proc), what="the search's progress bar", alive=proc)
+    jobs.kill(proc)
+    assert mlflow.get_run(run.info.run_id).info.status == "RUNNING"  # nobody has looked yet
+    _next_stage(data_dir)
+    after = mlflow.get_run(run.info.run_id)
+    assert after.info.status == "FAILED"
+    assert f"pid {proc.pid} on {socket.gethostname()}) is gone" in after.data.tags[tracking.END_REASON]
+
+
+@pytest.mark.parametrize("moment", ["at once", "once the model is being logged"])
+def test_a_killed_register_is_marked_failed_and_creates_no_version(store, jobs, data_dir, moment):
+    known = {r.info.run_id for r in _stage_runs(store, tracking.REGISTER)}
+    before = _versions()
+    proc = jobs.start("entrypoints.register", "--tune-run", store.tune.good, experiment=store.experiment,
+                      name=f"register-{moment}")
+    run = jobs.poll_until(lambda: _running_with_heartbeat(store, tracking.REGISTER, known),
+                          what="a RUNNING register run", alive=proc, interval=0.05)
+    if moment != "at once":
+        jobs.poll_until(lambda: mlflow.search_logged_models(
+            output_format="list", filter_string=f"source_run_id = '{run.info.run_id}'"),
+            what="a logged model", alive=proc, interval=0.05)
+    jobs.kill(proc)
+    _next_stage(data_dir)
+    assert mlflow.get_run(run.info.run_id).info.status == "FAILED"
+    models = mlflow.search_logged_models(output_format="list", filter_string=f"source_run_id = '{run.info.run_id}'")
+    assert LoggedModelStatus.PENDING not in [m.status for m in models]
+    assert _versions() == before
+
+
+def test_sigterm_ends_the_run_failed(store, jobs):
+    known = {r.info.run_id for r in _stage_runs(store, tracking.TUNE)}
+    proc = _tune_job(jobs, store, "tune-sigterm")
+    run = jobs.poll_until(lambda: _running_with_heartbeat(store, tracking.TUNE, known), what="a RUNNING tune run",
+                          alive=proc)
+    proc.send_signal(signal.SIGTERM)
+    assert proc.wait(timeout=120) == 128 + signal.SIGTERM, jobs.log(proc)[-3000:]
+    after = mlflow.get_run(run.info.run_id)
+    assert after.info.status == "FAILED" and tracking.END_REASON not in after.data.tags  # it ended its own run
+
+
+def test_a_silent_run_of_another_machine_is_marked_failed_with_its_nested_runs(store, jobs, data_dir):
+    client = MlflowClient()
+    experiment = client.get_experiment_by_name(store.experiment).experiment_id
+
+    def run(beat_age: float, parent: str | None = None, heartbeat: bool = True) -> str:
+        tags = {tracking.STAGE: tracking.TUNE}
+        if heartbeat:
+            tags |= {tracking.HEARTBEAT: str(int(time.time() - beat_age)), tracking.HEARTBEAT_PID: "4242",
+                     tracking.HEARTBEAT_HOST: "another-machine"}
+        if parent:
+            tags[tracking.PARENT_RUN_ID] = parent
+        return client.create_run(experiment, tags=tags).info.run_id
+
+    silent = run(tracking.STALE_AFTER_S + 60)
+    nested = run(0, parent=silent, heartbeat=False)
+    alive = run(1)  # beat a second ago
+    legacy = run(0, heartbeat=False)  # no heartbeat at all (e.g. a parent of fold jobs): not ours to judge
+    _next_stage(data_dir)
+    status = {r: client.get_run(r).info.status for r in (silent, nested, alive, legacy)}
+    assert status == {silent: "FAILED", nested: "FAILED", alive: "RUNNING", legacy: "RUNNING"}
+    assert "no heartbeat from pid 4242 on another-machine" in client.get_run(silent).data.tags[tracking.END_REASON]
+    for run_id in (alive, legacy):
+        client.set_terminated(run_id, "FINISHED")
