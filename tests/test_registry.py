@@ -192,7 +192,7 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
 
     prepared = run_prepare(data_dir, seed=5)
     train_id = run_train(data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
-                         hyper={"epochs": 1, "steps_per_epoch": 3})
+                         hyper={"char_ngrams": False, "max_length": 32})
     tune_id = run_tune([train_id], n_trials=20, sampler="random", inner_trials=8)
     promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
     result = run_predict(data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path)
