@@ -102,10 +102,11 @@ def make_candidate(spec: str):
     if name == "floor" and not hyper:
         return Floor()
     if name == "torch-head":
-        spec_ = importlib.util.spec_from_file_location("torch_head", BENCH / "torch_head.py")
-        module = importlib.util.module_from_spec(spec_)
-        spec_.loader.exec_module(module)
-        return ViaBackbone(module.TorchHeadBackbone(**hyper))
+        if "torch_head" not in sys.modules:
+            spec_ = importlib.util.spec_from_file_location("torch_head", BENCH / "torch_head.py")
+            sys.modules["torch_head"] = importlib.util.module_from_spec(spec_)
+            spec_.loader.exec_module(sys.modules["torch_head"])
+        return ViaBackbone(sys.modules["torch_head"].TorchHeadBackbone(**hyper))
     if name == "minilm":
         return ViaBackbone(MiniLMBackbone(**hyper))
     raise SystemExit(f"unknown candidate {spec!r}: floor, torch-head[:K=V,...] or minilm[:K=V,...]")

@@ -5,6 +5,17 @@ from pathlib import Path
 import pandas as pd
 import pytest
 
+
+@pytest.fixture(scope="session", autouse=True)
+def embedding_cache_dir(tmp_path_factory):
+    """The on-disk MiniLM embedding cache of the whole session (and of the processes it starts) in a
+    temporary folder, never the user's ~/.cache/psydef."""
+    with pytest.MonkeyPatch.context() as mp:
+        folder = tmp_path_factory.mktemp("embedding-cache")
+        mp.setenv("PSYDEF_CACHE_DIR", str(folder))
+        yield folder
+
+
 # A learnable toy task: the target utterance carries a phrase typical of its level.
 _LEVEL_PHRASES = (
     "Thanks, I will check the schedule tomorrow.",

@@ -11,14 +11,16 @@ BACKBONES = {
     "qwen3-8b-qlora": "psydef.backbones.qwen_qlora:QwenQLoRABackbone",
 }
 AUTO = "auto"
+CPU_DEFAULT = "minilm"  # balanced logistic regression on TF-IDF + frozen MiniLM views (bench/select.py chose it)
+GPU_DEFAULT = "qwen3-8b-qlora"
 
 
 def resolve_backbone_name(name: str) -> str:
-    """``auto`` is the QLoRA LLM when CUDA is available, else the CPU default ``minilm``."""
+    """``auto`` is the QLoRA LLM when CUDA is available, else the CPU default."""
     if name == AUTO:
         import torch
 
-        return "qwen3-8b-qlora" if torch.cuda.is_available() else "minilm"
+        return GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join([AUTO, *BACKBONES])}")
     return name
@@ -29,4 +31,4 @@ def backbone_class(name: str) -> type[Backbone]:
     return getattr(importlib.import_module(module), cls)
 
 
-__all__ = ["AUTO", "BACKBONES", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]
+__all__ = ["AUTO", "BACKBONES", "CPU_DEFAULT", "GPU_DEFAULT", "Backbone", "backbone_class", "load_adapter", "resolve_backbone_name"]
