@@ -1,6 +1,6 @@
 """The README's main command on the real data (CPU default backbone, two seeds) in a fresh temporary
-tracking store: wall time per stage and in total, peak memory, and the official OOF macro-F1 before
-and after calibration.
+tracking store and an empty embedding cache (unless --warm-cache: then $PSYDEF_CACHE_DIR): wall time
+per stage and in total, peak memory, and the official OOF macro-F1 before and after calibration.
 
     python bench/pipeline.py --data-dir ../shared/data/psydefconv [--seeds 42,20260407]
 """
@@ -16,6 +16,7 @@ from pathlib import Path
 import mlflow
 
 from psydef import tracking
+from psydef.backbones import CPU_DEFAULT
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -24,11 +25,13 @@ def main():
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--data-dir", default="../shared/data/psydefconv")
     parser.add_argument("--seeds", default="42,20260407")
+    parser.add_argument("--warm-cache", action="store_true", help="keep $PSYDEF_CACHE_DIR (default: an empty one)")
     args = parser.parse_args()
     data_dir = Path(args.data_dir).resolve()
     with tempfile.TemporaryDirectory() as tmp:
         uri = f"sqlite:///{tmp}/mlflow.db"
-        env = {**os.environ, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+        cache = {} if args.warm_cache else {"PSYDEF_CACHE_DIR": f"{tmp}/embedding-cache"}
+        env = {**os.environ, **cache, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
         command = [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "main", "-P", f"data_dir={data_dir}",
                    "-P", f"seeds={args.seeds}", "-P", f"out_dir={tmp}", "--env-manager", "local",
                    "--experiment-name", "psydef"]
@@ -39,7 +42,8 @@ def main():
         tracking.configure(uri, "psydef")
         runs = mlflow.search_runs(experiment_names=["psydef"], output_format="list",
                                   order_by=["attributes.start_time ASC"])
-    print(f"main on {data_dir} (seeds {args.seeds}, backbone auto -> CPU minilm), {os.cpu_count()} CPUs, "
+    print(f"main on {data_dir} (seeds {args.seeds}, backbone auto -> CPU {CPU_DEFAULT}, "
+          f"embedding cache {'warm' if args.warm_cache else 'cold'}), {os.cpu_count()} CPUs, "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     for run in runs:
         stage = run.data.tags.get(tracking.STAGE)

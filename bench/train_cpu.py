@@ -1,4 +1,4 @@
-"""Wall time of `train` with the `minilm` backbone on CPU: per fold, in total, and the share spent in
+"""Wall time of `train` with the CPU default backbone: per fold, in total, and the share spent in
 MLflow logging (the fold runs' artifact/metric calls), on a fresh local SQLite store in a temp dir.
 
     python bench/train_cpu.py --data-dir ../shared/data/psydefconv --seed 42
@@ -15,6 +15,7 @@ import mlflow
 import torch
 
 from psydef import tracking
+from psydef.backbones import CPU_DEFAULT
 from psydef.stages.config import PrepareConfig, TrainConfig
 from psydef.stages.prepare import run_prepare
 from psydef.stages.train import run_train
@@ -48,14 +49,14 @@ def main():
             p.start()
         start = time.perf_counter()
         parent = run_train(TrainConfig(data_dir=data_dir, seed=args.seed, prepare_run_id=prepared.run_id,
-                                       backbone="minilm"), experiment_id=experiment_id)
+                                       backbone=CPU_DEFAULT), experiment_id=experiment_id)
         total = time.perf_counter() - start
         for p in patches:
             p.stop()
         folds = tracking.fold_runs(parent)
         metrics = mlflow.get_run(parent).data.metrics
     logging = sum(spent.values())
-    print(f"minilm train, seed {args.seed}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
+    print(f"{CPU_DEFAULT} train, seed {args.seed}, {torch.get_num_threads()} torch threads, {os.cpu_count()} CPUs")
     for k, run in sorted(folds.items()):
         print(f"  fold {k}: {(run.info.end_time - run.info.start_time) / 1000:.1f} s")
     print(f"  total {total:.1f} s, of which MLflow logging {logging:.1f} s ({100 * logging / total:.1f}%)")

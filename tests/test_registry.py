@@ -194,7 +194,7 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
     experiment_id = tracking.configure()
     prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=5))
     train_id = run_train(TrainConfig(data_dir=data_dir, seed=5, prepare_run_id=prepared.run_id, backbone="minilm",
-                                     hyper={"epochs": 1, "steps_per_epoch": 3}), experiment_id=experiment_id)
+                                     hyper={"char_ngrams": False, "max_length": 32}), experiment_id=experiment_id)
     tune_id = run_tune(TuneConfig(train_runs=(train_id,), n_trials=20, sampler="random", inner_trials=8),
                        experiment_id=experiment_id)
     promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")

@@ -17,7 +17,7 @@ from tests.servers import REPO, clean_env, group_cmdlines, tail, mlflow_server, 
 SEEDS = (1, 2)
 N_FOLDS = 5
 # The smallest settings that still run every stage: two seeds, 5 folds each, a nested tune.
-CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--backbone", "minilm", "--hyper", "epochs=2,steps_per_epoch=5",
+CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--backbone", "minilm", "--hyper", "char_ngrams=false,max_length=32",
               "--n-trials", "60", "--inner-trials", "20"]
 CHAIN_TIMEOUT = 600
 

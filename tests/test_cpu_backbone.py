@@ -1,0 +1,104 @@
+"""The CPU default backbone (class-weighted logistic regression on TF-IDF + frozen MiniLM views) and its
+embedding cache, on small generated rows."""
+import json
+
+import numpy as np
+import pytest
+
+from psydef.backbones import backbone_class, load_adapter, resolve_backbone_name
+from psydef.backbones.encoder import FrozenEncoder
+from psydef.backbones import minilm
+from psydef.backbones.minilm import MiniLMBackbone
+
+SMALL = {"max_length": 32}  # short encoder inputs: the fixtures are short
+
+
+@pytest.fixture(autouse=True)
+def embedding_cache(tmp_path, monkeypatch):
+    """Every test gets its own empty on-disk embedding cache and a fresh in-process encoder state."""
+    monkeypatch.setenv("PSYDEF_CACHE_DIR", str(tmp_path / "cache"))
+    monkeypatch.setattr(FrozenEncoder, "_shared", None)
+    return tmp_path / "cache"
+
+
+@pytest.fixture(scope="module")
+def rows():
+    from tests.conftest import dialogue_rows
+
+    return dialogue_rows(54)
+
+
+@pytest.mark.parametrize("hyper", [SMALL, {**SMALL, "combine": "vote", "context_max_length": 32},
+                                   {"max_length": 0, "char_ngrams": False}])
+def test_round_trip_reproduces_logits_and_stores_no_pickle(rows, tmp_path, hyper):
+    model = MiniLMBackbone(**hyper).fit(rows, seed=0)
+    logits = model.predict_logits(rows)
+    assert logits.shape == (len(rows), 9) and logits.dtype == np.float32 and np.isfinite(logits).all()
+    assert (logits.argmax(1) == rows["label"].to_numpy()).mean() > 0.9  # the toy task is learnable
+    adapter = model.save(tmp_path / "adapter")
+    assert sorted(p.name for p in adapter.iterdir()) == ["backbone.json", "linear.safetensors", "tfidf.json"]
+    for name in ("backbone.json", "tfidf.json"):
+        json.loads((adapter / name).read_text())  # plain JSON
+    from safetensors.numpy import load_file
+
+    assert all(isinstance(v, np.ndarray) for v in load_file(str(adapter / "linear.safetensors")).values())
+    assert not any(p.read_bytes()[:1] == b"\x80" for p in adapter.iterdir())  # no pickle stream
+    loaded = load_adapter(adapter)
+    assert isinstance(loaded, MiniLMBackbone) and loaded.config() == model.config()
+    assert np.array_equal(loaded.predict_logits(rows), logits)
+
+
+def test_same_seed_same_logits_and_augmented_rows_can_be_left_out(rows):
+    first = MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows)
+    minilm._FITTED.clear()  # fit again from scratch, not from the in-process memo
+    FrozenEncoder._shared = None  # and read the embeddings back from the disk cache
+    assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows), first)
+    assert len(minilm._FITTED) == 1  # another seed on the same rows reuses the fit: it ignores the seed
+    assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=4).predict_logits(rows), first)
+    assert len(minilm._FITTED) == 1
+    marked = rows.assign(is_augmented=np.arange(len(rows)) >= 45)
+    without = MiniLMBackbone(**SMALL, use_augmented=False).fit(marked, seed=3)
+    assert np.array_equal(without.predict_logits(rows), MiniLMBackbone(**SMALL).fit(rows.iloc[:45], seed=3)
+                          .predict_logits(rows))
+
+
+def test_a_level_missing_from_training_is_never_predicted(rows):
+    train = rows[rows["label"] != 4]
+    logits = MiniLMBackbone(**SMALL).fit(train, seed=0).predict_logits(rows)
+    assert np.isfinite(logits).all() and not (logits.argmax(1) == 4).any()
+
+
+def test_fit_reports_one_epoch_with_validation_logits(rows):
+    seen = []
+    MiniLMBackbone(**SMALL).fit(rows.iloc[:45], seed=0, valid=rows.iloc[45:],
+                                on_epoch=lambda epoch, loss, logits: seen.append((epoch, loss, logits.shape)))
+    assert len(seen) == 1 and seen[0][0] == 1 and seen[0][1] > 0 and seen[0][2] == (9, 9)
+
+
+def test_bad_options_are_refused():
+    with pytest.raises(ValueError, match="combine"):
+        MiniLMBackbone(combine="average")
+    with pytest.raises(ValueError, match="class_weight"):
+        MiniLMBackbone(class_weight="sqrt")
+
+
+def test_cpu_auto_resolves_to_the_linear_default(monkeypatch):
+    import torch
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
+    assert resolve_backbone_name("auto") == "minilm" and backbone_class("auto") is MiniLMBackbone
+
+
+def test_embedding_cache_is_shared_across_processes(embedding_cache, monkeypatch):
+    texts = ["I am fine, really.", "Whatever.", "I am fine, really."]
+    first = FrozenEncoder().embed(texts, 32)
+    assert first.shape == (3, 384) and np.array_equal(first[0], first[2])
+    shards = list(embedding_cache.rglob("*.safetensors"))
+    assert len(shards) == 1 and "max_length_32" in str(shards[0])
+    fresh = FrozenEncoder()  # another process: reads the shard, never loads the model
+    assert np.array_equal(fresh.embed(texts[::-1], 32), first[::-1]) and fresh._model is None
+    assert np.allclose(FrozenEncoder().embed(texts[:1], 16), first[:1], atol=0.2)  # another key: encoded
+    assert fresh._model is None and len(list(embedding_cache.rglob("*.safetensors"))) == 2
+    monkeypatch.setenv("PSYDEF_CACHE_DIR", "off")
+    off = FrozenEncoder()
+    assert np.allclose(off.embed(texts, 32), first, atol=1e-5) and off._model is not None
