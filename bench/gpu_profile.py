@@ -15,6 +15,7 @@ times are predictions from the measured rates for the data's real sizes (5 folds
 from __future__ import annotations
 
 import argparse
+import gc
 import importlib.util
 import json
 import math
@@ -141,6 +142,7 @@ def profile(args) -> list[tuple[str, str, str]]:
     adapter = backbone.save(with_tmp / "member_0_fold_0")
     adapter_mib = (adapter / "adapter_model.safetensors").stat().st_size / 2**20
     del backbone
+    gc.collect()
     if device.type == "cuda":
         torch.cuda.empty_cache()
 

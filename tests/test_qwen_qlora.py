@@ -218,7 +218,7 @@ def test_an_ensemble_of_2_members_x_5_folds_loads_the_base_once(tiny_qwen3_dir, 
 
     keys = [[f"member_{m}_fold_{k}" for k in range(5)] for m in range(2)]
     spec = EnsembleSpec(members=[{"run_id": "a", "weight": 0.3}, {"run_id": "b", "weight": 0.7}],
-                        delta=[0.0] * 9, tau7=None)
+                        delta=[0.3, -0.2, 0.1, 0.0, 0.25, -0.1, 0.05, 0.0, -0.3], tau7=0.12)
     model = EnsembleModel()
     model.load_context(SimpleNamespace(model_config={"ensemble": spec.to_dict(), "adapters": keys},
                                        artifacts={folder.name: str(folder) for folder in folders}))
@@ -235,6 +235,8 @@ def test_an_ensemble_of_2_members_x_5_folds_loads_the_base_once(tiny_qwen3_dir, 
     probs = [fold_mean_probs(alone[5 * m:5 * m + 5]) for m in range(2)]
     np.testing.assert_allclose(served[[f"prob_{c}" for c in range(9)]].to_numpy(), spec.blend_probs(probs), atol=1e-5)
     np.testing.assert_array_equal(served["label"], spec.decode_probs(probs))
+    # the rule tune calibrated, fed log(probs) (softmax(log p) = p): the same labels
+    np.testing.assert_array_equal(served["label"], spec.decode_logits([np.log(p) for p in probs]))
 
 
 def test_adapters_that_differ_in_their_base_get_one_base_each(tiny_qwen3_dir, tmp_path, count_base_loads):

@@ -37,7 +37,8 @@ PAD_TO_MULTIPLE_OF = 8
 # Length grouping (as Hugging Face's ``group_by_length``): a shuffled window of this many batches is
 # sorted by length and cut into batches, so a batch holds prompts of similar token length.
 GROUP_WINDOW_BATCHES = 50
-DTYPES = {"bfloat16": torch.bfloat16, "float16": torch.float16, "float32": torch.float32}
+# No float16: its autocast would need loss scaling, which the training loop does not do.
+DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
 ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
 TRAINED_ADAPTER = "default"  # peft's name for the adapter get_peft_model creates
 
