@@ -33,7 +33,7 @@ from packaging.version import Version
 from psydef import tracking
 from psydef.backbones import load_adapters
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
-from psydef.core.data import DataError, example_input, input_table
+from psydef.core.data import DataError, input_table
 from psydef.core.labels import PROB_COLUMNS
 
 SIGNATURE = ModelSignature(
@@ -77,9 +77,9 @@ def log_ensemble_model(spec: EnsembleSpec, member_adapter_dirs: Sequence[Sequenc
                        name: str = tracking.MODEL_ARTIFACT):
     """Log the ensemble in the active run; returns MLflow's ``ModelInfo``.
 
-    ``member_adapter_dirs[i]`` are the fold adapter folders of ``spec.members[i]``. MLflow loads the
-    logged model once and predicts on the input example; it only warns if that fails, so ``promote``
-    checks the model again before it serves."""
+    ``member_adapter_dirs[i]`` are the fold adapter folders of ``spec.members[i]``. No input example is
+    logged: MLflow would load the whole ensemble to check it (and only warn when that fails), where
+    ``register`` already loads it once for its smoke test, which fails loudly."""
     if len(member_adapter_dirs) != len(spec.members):
         raise ValueError(f"{len(member_adapter_dirs)} lists of adapter folders for {len(spec.members)} members "
                          f"({spec.run_ids}); give one list per member, in the spec's order")
@@ -94,7 +94,7 @@ def log_ensemble_model(spec: EnsembleSpec, member_adapter_dirs: Sequence[Sequenc
         name=name, python_model=__file__, artifacts=artifacts,
         model_config={"ensemble": spec.to_dict(), "adapters": adapters},
         code_paths=[str(Path(__file__).parent)], pip_requirements=_pip_requirements(),
-        signature=SIGNATURE, input_example=example_input())
+        signature=SIGNATURE)
 
 
 mlflow.models.set_model(EnsembleModel())
