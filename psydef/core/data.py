@@ -164,8 +164,8 @@ def dataset_digest(table: pd.DataFrame) -> str:
 
 
 def example_input() -> pd.DataFrame:
-    """One utterance in the model's input format: the input example of the logged model and the
-    smoke test of ``promote``."""
+    """One utterance in the model's input format: what the smoke test of ``register`` and ``promote``
+    predicts."""
     reply = "Honestly it's fine, exams never mattered anyway."
     dialogue = [{"speaker": "seeker", "text": "I failed my driving exam again."},
                 {"speaker": "supporter", "text": "I'm sorry. How are you feeling about it?"},
