@@ -36,7 +36,8 @@ PIPELINE_TUNE_RUN_ID, PIPELINE_MODEL_VERSION = "psydef.tune_run_id", "psydef.mod
 PARENT_RUN_ID = "mlflow.parentRunId"  # on nested runs
 RUN_NAME = "mlflow.runName"
 NOTE = "mlflow.note.content"  # a run's description (the UI's Description box)
-# The UI opens an experiment of this kind on its training-runs table (untagged: the GenAI traces view)
+# The experiment's kind: model training, not GenAI. MLflow 3.17's UI picks its view from the link
+# instead (ui_runs_url); clients that read the kind see it here.
 EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 DATASET_CONTEXT, TRAINING = "mlflow.data.context", "training"  # a dataset input's role
 # Liveness of a stage run (see "Heartbeat" below): unix time of the last beat, and who beats

@@ -99,6 +99,11 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
     experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
     assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.CUSTOM_MODEL_DEVELOPMENT
     description = client.get_model_version(tracking.MODEL_NAME, version).description
+    stage_runs = [run for run in client.search_runs([experiment.experiment_id])
+                  if run.data.tags[tracking.STAGE] != tracking.FOLD_RUN]
+    assert sorted(run.data.tags[tracking.STAGE] for run in stage_runs) == sorted(
+        [tracking.PREPARE, tracking.TRAIN, tracking.TRAIN, tracking.TUNE, tracking.REGISTER, tracking.PROMOTE])
+    assert all(run.data.tags.get(tracking.NOTE) for run in stage_runs)  # every stage run has a description
     notes = {run_id: client.get_run(run_id).data.tags[tracking.NOTE] for run_id in train_runs}
     shots, profile, workdir = tmp_path / "screenshots", tmp_path / "chromium-profile", tmp_path / "server"
     shots.mkdir()
