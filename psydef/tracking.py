@@ -30,7 +30,8 @@ PIPELINE_TUNE_RUN_ID, PIPELINE_MODEL_VERSION = "psydef.tune_run_id", "psydef.mod
 PARENT_RUN_ID = "mlflow.parentRunId"  # on nested runs
 RUN_NAME = "mlflow.runName"
 NOTE = "mlflow.note.content"  # a run's description (the UI's Description box)
-# The UI opens an experiment of this kind on its training-runs table (untagged: the GenAI traces view)
+# The experiment's kind: model training, not GenAI. MLflow 3.17's UI picks its view from the link
+# instead (ui_runs_url); clients that read the kind see it here.
 EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_model_development"
 DATASET_CONTEXT, TRAINING = "mlflow.data.context", "training"  # a dataset input's role
 
@@ -56,7 +57,14 @@ CONFUSION_PLOT = "plots/confusion_matrix.png"
 # Model registry: the ensemble's name, its aliases, the deprecated stage set on request
 MODEL_NAME = "psydef-ensemble"
 PRODUCTION, PREVIOUS = "production", "previous"  # the champion and the one it replaced
-PRODUCTION_URI = f"models:/{MODEL_NAME}@{PRODUCTION}"
+
+
+def registered_model_uri(name: str, *, version: str | int | None = None, alias: str | None = None) -> str:
+    """``models:/name/version`` or ``models:/name@alias``."""
+    return f"models:/{name}/{version}" if alias is None else f"models:/{name}@{alias}"
+
+
+PRODUCTION_URI = registered_model_uri(MODEL_NAME, alias=PRODUCTION)
 LEGACY_STAGE = "Production"
 
 # Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
@@ -314,6 +322,8 @@ def resolve_model_uri(model_uri: str) -> str:
             raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
         return model_uri
     name, alias = parsed.name, parsed.alias
+    if parsed.version is not None:  # MLflow's resolver does not check that the version exists
+        return registered_model_uri(name, version=model_version(name, parsed.version).version)
     aliases = registered_model(name).aliases
     if alias is not None and alias not in aliases:
         raise ValueError(f"{model_uri} does not exist: model {name!r} has no alias {alias!r} (its aliases: "
@@ -321,6 +331,6 @@ def resolve_model_uri(model_uri: str) -> str:
     try:
         _, version = get_model_name_and_version(client(), model_uri)
     except MlflowException as err:
-        wanted = parsed.version or (f"in stage {parsed.stage!r}" if parsed.stage else "at all")
+        wanted = f"in stage {parsed.stage!r}" if parsed.stage else "at all"
         raise ValueError(f"{model_uri} does not exist: registered model {name!r} has no version {wanted}") from err
-    return f"models:/{name}/{version}"
+    return registered_model_uri(name, version=version)

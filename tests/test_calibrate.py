@@ -6,8 +6,8 @@ from scipy.special import softmax as scipy_softmax
 from sklearn.metrics import f1_score
 
 from psydef.calibration.estimate import nested_cv_estimate
-from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, decode, simplex_weights, softmax
-from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1, score_candidates
+from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, simplex_weights, softmax
+from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1
 from psydef.core.labels import LABEL_NAMES
 
 OFFICIAL = list(range(1, 9))
@@ -84,6 +84,13 @@ def test_blend_is_the_weighted_sum_of_softmaxes():
 # --- the decode rule -----------------------------------------------------------------------------
 
 
+def decode(probs, delta, tau7=None):
+    """Labels of one (delta, tau7) candidate on one member's probabilities, through the scorer."""
+    scorer = CandidateScorer([probs], np.zeros(len(probs), dtype=np.int64))
+    return scorer.predict(np.ones((1, 1)), np.asarray(delta, dtype=np.float64)[None],
+                          None if tau7 is None else [tau7])[0]
+
+
 def test_decode_biased_argmax_on_hand_made_rows():
     probs = np.stack([probs_row(p1=0.5, p2=0.4, p7=0.1), probs_row(p3=0.3, p7=0.7), probs_row(p0=0.6, p8=0.4)])
     zero = np.zeros(9)
@@ -138,14 +145,14 @@ def test_macro_f1_equals_sklearn_exactly():
     assert macro_f1([0, 0], [0, 0]) == 0.0  # level 0 is not scored
 
 
-def test_score_candidates_equals_sklearn_exactly():
+def test_scorer_equals_sklearn_exactly():
     rng = np.random.default_rng(4)
     logits, y, _ = random_problem(rng, n=400, n_members=1)
     probs = softmax(logits[0])
     deltas = rng.uniform(-3, 3, size=(300, 9))
     tau7s = rng.uniform(0.3, 0.99, size=300)
     for t in (None, tau7s):
-        scores = score_candidates(probs, y, deltas, t)
+        scores = CandidateScorer([probs], y).score(np.ones((len(deltas), 1)), deltas, t)
         expected = [sk_macro_f1(y, decode(probs, d, None if t is None else t[i])) for i, d in enumerate(deltas)]
         assert scores.tolist() == expected
 

@@ -79,7 +79,7 @@ def test_a_fold_job_marks_only_stale_attempts_at_its_own_fold_failed(tracking_ur
     client = MlflowClient()
     experiment = client.get_experiment_by_name("psydef").experiment_id
     parent = client.create_run(experiment).info.run_id
-    running = {k: client.create_run(experiment, tags={"mlflow.parentRunId": parent, tracking.STAGE: tracking.FOLD_RUN,
+    running = {k: client.create_run(experiment, tags={tracking.PARENT_RUN_ID: parent, tracking.STAGE: tracking.FOLD_RUN,
                                                       tracking.FOLD: str(k)}).info.run_id for k in (1, 2)}
 
     def status(k):

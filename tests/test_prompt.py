@@ -3,7 +3,7 @@ import time
 import pytest
 
 from psydef.core.labels import LEVELS
-from psydef.core.prompt import GUIDE, build_prompt, context_text
+from psydef.core.prompt import GUIDE, build_prompt
 
 INSTRUCTION_END = "Answer with a single integer from 0 to 8.\nAnswer:"
 
@@ -57,13 +57,6 @@ def test_first_turn_has_no_context_and_turns_stay_on_one_line():
     prompt = build_prompt([{"speaker": "seeker", "text": "  hello\n\nthere  "}])
     assert "(none: the target utterance opens the conversation)\n" in prompt
     assert "\nSEEKER: hello there\n## Question" in prompt
-
-
-def test_context_text():
-    dialogue = conversation(4)
-    assert context_text(dialogue) == "\n".join(f"{t['speaker'].upper()}: {t['text']}" for t in dialogue[:-1])
-    assert context_text(dialogue, max_turns=1) == f"SUPPORTER: {dialogue[-2]['text']}"
-    assert context_text(dialogue[-1:]) == ""
 
 
 def test_all_turns_kept_when_they_fit(qwen_tokenizer):

@@ -47,7 +47,7 @@ def _direct_decode(tune_run_id: str, rows):
     logits = []
     for run_id in spec.run_ids:
         folds = client.search_runs([client.get_run(run_id).info.experiment_id],
-                                   f"tags.`mlflow.parentRunId` = '{run_id}'")
+                                   f"tags.`{tracking.PARENT_RUN_ID}` = '{run_id}'")
         adapters = [load_adapter(mlflow.artifacts.download_artifacts(run_id=f.info.run_id,
                                                                       artifact_path=tracking.ADAPTER_DIR))
                     for f in folds]

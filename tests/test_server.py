@@ -14,9 +14,13 @@ import pwd
 import secrets
 import shlex
 import shutil
+import signal
+import socket
 import subprocess
 import sys
 import tempfile
+import time
+import urllib.request
 from collections import defaultdict
 from contextlib import contextmanager
 from pathlib import Path
@@ -24,15 +28,31 @@ from pathlib import Path
 import pytest
 
 from psydef import tracking
-from tests.fixtures.server import clean_env, free_port, mlflow_server, tail
 
 REPO = Path(__file__).resolve().parents[1]
+START_SERVER = REPO / "mlruns_config" / "start_server.sh"
 SEEDS = (1, 2)
 N_FOLDS = 5
 # The smallest settings that still run every stage: two seeds, 5 folds each, a nested tune.
 CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--backbone", "minilm", "--hyper", "epochs=2,steps_per_epoch=5",
               "--n-trials", "60", "--inner-trials", "20"]
+SERVER_START_TIMEOUT = 180  # seconds; a loaded 2-core machine needs ~20
 CHAIN_TIMEOUT = 600
+
+
+def free_port() -> int:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def _tail(path: Path, n: int = 4000) -> str:
+    return path.read_text(errors="replace")[-n:] if path.exists() else "(no log)"
+
+
+def _clean_env() -> dict:
+    """This environment without MLflow's run/experiment/store variables (a surrounding run must not leak)."""
+    return {k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")} | {"MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 # ---- a private PostgreSQL cluster ------------------------------------------------------------------
@@ -88,7 +108,7 @@ def postgres_cluster():
         owner = pwd.getpwnam("postgres")
         for path in (root, pwfile):
             os.chown(path, owner.pw_uid, owner.pw_gid)
-    env = {**clean_env(), "LC_ALL": "C", "LANG": "C"}
+    env = {**_clean_env(), "LC_ALL": "C", "LANG": "C"}
     started = False
     try:
         subprocess.run(as_owner([str(bin_dir / "initdb"), "-D", str(data), "-U", "postgres", f"--pwfile={pwfile}",
@@ -100,7 +120,7 @@ def postgres_cluster():
         proc = subprocess.run(as_owner([str(bin_dir / "pg_ctl"), "-D", str(data), "-l", str(log), "-w", "-t", "60",
                                         "-o", f"-h 127.0.0.1 -p {port} -k {root} -c fsync=off", "start"]),
                               capture_output=True, text=True, env=env, cwd=root, timeout=120)
-        assert proc.returncode == 0, f"pg_ctl start failed: {proc.stdout}{proc.stderr}\n{tail(log)}"
+        assert proc.returncode == 0, f"pg_ctl start failed: {proc.stdout}{proc.stderr}\n{_tail(log)}"
         admin = psycopg2.connect(host="127.0.0.1", port=port, user="postgres", password=password, dbname="postgres")
         try:
             admin.autocommit = True
@@ -130,6 +150,51 @@ def _group_cmdlines(pgid: int) -> list[str]:
     return lines
 
 
+@contextmanager
+def mlflow_server(store_uri: str, workdir: Path):
+    """Start mlruns_config/start_server.sh in the foreground in its own process group; yield
+    ``(tracking_uri, process, log_path)`` once /health answers; stop the whole group afterwards."""
+    port = free_port()
+    log = workdir / "server.log"
+    env = _clean_env() | {"FOREGROUND": "1", "HOST": "127.0.0.1", "PORT": str(port), "BACKEND_STORE_URI": store_uri,
+                          "ARTIFACTS_DESTINATION": str(workdir / "artifacts"),
+                          "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ.get('PATH', '')}"}
+    uri = f"http://127.0.0.1:{port}"
+    with open(log, "wb") as out:
+        proc = subprocess.Popen(["bash", str(START_SERVER)], cwd=workdir, env=env, stdout=out,
+                                stderr=subprocess.STDOUT, start_new_session=True)
+    try:
+        deadline = time.monotonic() + SERVER_START_TIMEOUT
+        while True:
+            if proc.poll() is not None:
+                pytest.fail(f"mlflow server exited with {proc.returncode} before answering:\n{_tail(log)}")
+            try:
+                with urllib.request.urlopen(f"{uri}/health", timeout=2) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not answer {uri}/health within {SERVER_START_TIMEOUT}s:\n{_tail(log)}")
+            time.sleep(0.5)
+        yield uri, proc, log
+    finally:
+        # The script exec'd mlflow, the leader of a new session: its pid is the group of it and its workers.
+        try:
+            os.killpg(proc.pid, signal.SIGTERM)
+        except ProcessLookupError:
+            pass
+        try:
+            proc.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            pass
+        try:
+            os.killpg(proc.pid, signal.SIGKILL)  # anything left in the group (a stuck worker)
+        except ProcessLookupError:
+            pass
+        proc.wait(timeout=30)
+
+
 # ---- the test ---------------------------------------------------------------------------------------
 @pytest.fixture(params=["sqlite", "postgresql"])
 def server_store(request, tmp_path):
@@ -151,13 +216,13 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
     chain_dir = tmp_path / "chain"  # the chain's working directory: nothing may land here
     chain_dir.mkdir()
     with mlflow_server(store_uri, workdir) as (uri, proc, server_log):
-        env = clean_env() | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": tracking.DEFAULT_EXPERIMENT,
+        env = _clean_env() | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": tracking.DEFAULT_EXPERIMENT,
                               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
         chain = subprocess.run([sys.executable, "-m", "entrypoints.main", "--data-dir", str(data_dir),
                                 "--out-dir", str(out_dir), *CHAIN_ARGS],
                                cwd=chain_dir, env=env, capture_output=True, text=True, timeout=CHAIN_TIMEOUT)
         output = chain.stdout + chain.stderr
-        assert chain.returncode == 0, f"main failed ({chain.returncode}):\n{output[-6000:]}\nserver:\n{tail(server_log)}"
+        assert chain.returncode == 0, f"main failed ({chain.returncode}):\n{output[-6000:]}\nserver:\n{_tail(server_log)}"
 
         client = MlflowClient(tracking_uri=uri, registry_uri=uri)
         experiment = client.get_experiment_by_name(tracking.DEFAULT_EXPERIMENT)
@@ -201,6 +266,6 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
 
         if secret:  # the store's password: never in argv, logs, params or tags
             assert all(secret not in line for line in _group_cmdlines(proc.pid))
-            assert secret not in tail(server_log, 10**7) and secret not in output
+            assert secret not in _tail(server_log, 10**7) and secret not in output
             for run in runs:
                 assert not any(secret in v for v in (*run.data.params.values(), *run.data.tags.values())), run.info.run_id

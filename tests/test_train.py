@@ -90,7 +90,7 @@ def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(
     done_before = {k: r.info.run_id for k, r in tracking.fold_runs(partial).items()}
     assert sorted(done_before) == [0, 1] and mlflow.get_run(partial).info.status == "RUNNING"
     killed = mlflow.MlflowClient().create_run(mlflow.get_run(partial).info.experiment_id, tags={
-        "mlflow.parentRunId": partial, tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: "2"})
+        tracking.PARENT_RUN_ID: partial, tracking.STAGE: tracking.FOLD_RUN, tracking.FOLD: "2"})
 
     resumed = train(seed=6, resume=True)
     assert resumed == partial

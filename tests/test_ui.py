@@ -110,9 +110,12 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
         runs_page = render(tracking.ui_runs_url(uri, experiment.experiment_id), shots / "1-runs.png", profile)
         assert "Runs" in runs_page
         assert {f"train seed={seed} minilm" for seed in EPOCHS} <= set(runs_page), runs_page[:200]
-        assert "psydefconv-train" in runs_page  # the dataset column: the train runs' input
+        digest = client.get_run(train_runs[0]).data.tags[tracking.DATA_DIGEST]
+        datasets = [node for node in runs_page if node.startswith("psydefconv-train")]  # the Dataset column
+        assert len(datasets) == 3 and all(digest[:8] in node for node in datasets), datasets  # prepare + 2 trains
 
-        run_page = render(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{train_runs[0]}",
+        run_page = render(f"{uri}/#/experiments/{experiment.experiment_id}/runs/{train_runs[0]}"
+                          "?workflowType=machine_learning",
                           shots / "2-train-run.png", profile)
         assert notes[train_runs[0]] in run_page
 

@@ -2,6 +2,10 @@
 from __future__ import annotations
 
 import importlib
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from psydef.backbones.base import Backbone
 
 # name -> "module:Class"; the modules import torch/transformers lazily through this table.
 BACKBONES = {

@@ -161,15 +161,6 @@ def blend(logits_by_member: Sequence, weights) -> np.ndarray:
     return _blend(member_probs, w[None])[0]
 
 
-def decode(probs, delta, tau7: float | None = None) -> np.ndarray:
-    """Labels (n,) from (n, 9) probabilities: 7 where ``tau7`` is set and ``p_7 >= tau7``,
-    else ``argmax_c (log p_c + delta_c)``."""
-    p = _check_probs(probs, "probs")
-    d = _check_deltas(np.asarray(delta, dtype=np.float64)[None], 1, "delta")
-    t = _check_tau7s(None if tau7 is None else [tau7], 1)
-    return _decide(p[None], d, t)[0]
-
-
 def _check_members(logits_by_member: Sequence) -> list[np.ndarray]:
     """Each member's logits as a finite float64 (n, 9) array, the same n for all."""
     if len(logits_by_member) == 0:

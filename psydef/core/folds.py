@@ -9,6 +9,8 @@ from __future__ import annotations
 import numpy as np
 import pandas as pd
 
+from psydef.core.augment import with_provenance
+
 GROUP_BY = ("dialogue", "utterance")
 FOLD_COLUMNS = ("id", "dialogue_id", "label", "fold", "source_id", "is_augmented")
 
@@ -31,13 +33,12 @@ def fold_table(real: pd.DataFrame, augmented: pd.DataFrame, *, n_splits: int = 5
                group_by: str = "dialogue") -> pd.DataFrame:
     """One row per real record and per augmented variant with the columns of ``folds.csv``.
     Each variant (``source_id`` names its real record) gets its source's fold."""
-    real_rows = real.assign(fold=assign_folds(real, n_splits=n_splits, seed=seed, group_by=group_by),
-                            source_id=real["id"], is_augmented=False)
+    real_rows = with_provenance(real).assign(fold=assign_folds(real, n_splits=n_splits, seed=seed, group_by=group_by))
     fold_of = real_rows.set_index("id")["fold"]
     missing = set(augmented["source_id"]) - set(fold_of.index) if len(augmented) else set()
     if missing:
         raise ValueError(f"augmented variants name sources that are not real records: {sorted(missing)[:5]}")
-    aug_rows = augmented.assign(fold=augmented["source_id"].map(fold_of).astype("int64"), is_augmented=True)
+    aug_rows = augmented.assign(fold=augmented["source_id"].map(fold_of).astype("int64"))
     return pd.concat([real_rows, aug_rows], ignore_index=True).loc[:, list(FOLD_COLUMNS)]
 
 

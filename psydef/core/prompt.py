@@ -76,13 +76,6 @@ def _context_turns(dialogue: Sequence[Turn], max_turns: int) -> tuple[list[str],
     return [_line(turn["speaker"], turn["text"]) for turn in kept], len(kept) < len(earlier)
 
 
-def context_text(dialogue: Sequence[Turn], max_turns: int = 30) -> str:
-    """The last ``max_turns`` turns before the target, one tagged line each (for encoder backbones,
-    which pair it with the target text ``dialogue[-1]["text"]``)."""
-    lines, _ = _context_turns(dialogue, max_turns)
-    return "".join(lines).rstrip("\n")
-
-
 def _assemble(lines: Sequence[str], omitted: bool, target: str) -> str:
     context = (_OMITTED if omitted else "") + "".join(lines)
     return (GUIDE + _CONTEXT_HEADER + (context or _NO_CONTEXT)

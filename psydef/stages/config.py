@@ -352,5 +352,5 @@ class MainConfig(Settings):
         return RegisterConfig(tune_run=tune_run, name=self.model_name)
 
     def predict(self) -> PredictConfig:
-        return PredictConfig(data_dir=self.data_dir, model_uri=f"models:/{self.model_name}@{tracking.PRODUCTION}",
-                             out_dir=self.out_dir)
+        return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,
+                             model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION))

@@ -58,7 +58,7 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
         given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage)
         tracking.log_new_params({**given.params(), "promoted_version": number,
                                  "champion_version": champion or ""})
-        _smoke_test(f"models:/{name}/{number}")
+        _smoke_test(tracking.registered_model_uri(name, version=number))
         moves = champion != number
         if moves and champion is not None and not force:
             new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))

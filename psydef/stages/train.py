@@ -23,6 +23,7 @@ import pandas as pd
 from psydef import tracking
 from psydef.backbones import backbone_class
 from psydef.calibration.rule import softmax
+from psydef.core.augment import with_provenance
 from psydef.core.folds import split_fold
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
 from psydef.stages.config import AggregateConfig, PrepareConfig, TrainConfig
@@ -50,8 +51,7 @@ class FoldResult:
 
 def _rows(prepared: Prepared) -> pd.DataFrame:
     """Every trainable row (real records and augmented variants) indexed by id."""
-    real = prepared.train.assign(source_id=prepared.train["id"], is_augmented=False)
-    return pd.concat([real, prepared.augmented], ignore_index=True).set_index("id", drop=False)
+    return pd.concat([with_provenance(prepared.train), prepared.augmented], ignore_index=True).set_index("id", drop=False)
 
 
 def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> FoldResult:
@@ -67,6 +67,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
                                  "n_valid_rows": len(valid_rows)})
         y_valid = valid_rows["label"].to_numpy()
+        last = {}  # the latest epoch's metrics: one console line per fold, every epoch in MLflow
 
         def on_epoch(epoch: int, loss: float, valid_logits):
             metrics = {"train_loss": loss}
@@ -74,9 +75,10 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
                 scores = evaluate(y_valid, valid_logits.argmax(1))
                 metrics |= {f"val_{name}": scores[name] for name in ("macro_f1", "macro_f1_all", "accuracy")}
             mlflow.log_metrics(metrics, step=epoch)
-            print(f"fold {k} epoch {epoch}: " + ", ".join(f"{n} {v:.4f}" for n, v in metrics.items()))
+            last.update(metrics, epoch=epoch)
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch)
+        print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
         oof_ids, oof_logits = list(valid_rows["id"]), model.predict_logits(valid_rows)
         mlflow.log_dict(oof_ids, tracking.OOF_IDS)
         tracking.log_npy(oof_logits, tracking.OOF_LOGITS)
