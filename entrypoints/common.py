@@ -66,9 +66,8 @@ def stage_command(name: str, config: type):
                 settings = config(**values)
             except ValueError as err:
                 raise click.UsageError(str(err)) from err
-            experiment_id = tracking.configure(tracking_uri, experiment_name)
             try:
-                return body(settings, experiment_id)
+                return body(settings, tracking.configure(tracking_uri, experiment_name))
             except (ValueError, FileNotFoundError, KeyError) as err:
                 raise click.ClickException(str(err)) from err
 
