@@ -67,8 +67,7 @@ def stage_command(name: str, config: type):
             except ValueError as err:
                 raise click.UsageError(str(err)) from err
             try:
-                experiment_id = tracking.configure(tracking_uri, experiment_name)
-                return body(settings, experiment_id)
+                return body(settings, tracking.configure(tracking_uri, experiment_name))
             except (ValueError, FileNotFoundError, KeyError) as err:
                 raise click.ClickException(str(err)) from err
 

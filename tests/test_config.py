@@ -60,14 +60,17 @@ def test_main_passes_on_the_defaults_of_the_stages_it_runs():
     assert set(main.params()) == {f.name for f in dataclasses.fields(MainConfig)}  # what the pipeline run logs
 
 
+LLM = "qwen3-8b-qlora"  # its hyper-parameters include epochs and learning_rate (checked without building it)
 BAD = {  # command line -> what the one-line error must say
     ("train", "--epochs", "0"): r"--epochs: must be >= 1, got 0",
     ("train", "--learning-rate", "-0.1"): r"--learning-rate: must be > 0",
-    ("train", "--backbone", "minilm", "--hyper", "epochs=abc"): r"--hyper epochs: expected int, got 'abc'",
-    ("train", "--backbone", "minilm", "--hyper", "learning_rate=-0.1"): r"--hyper learning_rate: must be > 0",
-    ("train", "--backbone", "minilm", "--hyper", "epochs=0"): r"--hyper epochs: must be >= 1",
-    ("train", "--backbone", "minilm", "--hyper", "foo=1"):
-        r"--hyper: unknown hyper-parameter\(s\) foo for backbone minilm; valid: context_turns, .*epochs",
+    ("train", "--backbone", LLM, "--hyper", "epochs=abc"): r"--hyper epochs: expected int, got 'abc'",
+    ("train", "--backbone", LLM, "--hyper", "learning_rate=-0.1"): r"--hyper learning_rate: must be > 0",
+    ("train", "--backbone", LLM, "--hyper", "epochs=0"): r"--hyper epochs: must be >= 1",
+    ("train", "--backbone", LLM, "--hyper", "foo=1"):
+        rf"--hyper: unknown hyper-parameter\(s\) foo for backbone {LLM}; valid: model, max_length, .*epochs",
+    ("train", "--backbone", "minilm", "--hyper", "foo=1,bar=2"):
+        r"--hyper: unknown hyper-parameter\(s\) bar, foo for backbone minilm; valid: ",
     ("train", "--hyper", "epochs"): r"--hyper: 'epochs' is not key=value",
     ("train", "--backbone", "bert"): r"--backbone: must be one of auto, minilm, qwen3-8b-qlora; got 'bert'",
     ("train", "--fold", "x"): r"--fold: 'x' is not a valid int \(or 'all'\)",
@@ -84,6 +87,7 @@ BAD = {  # command line -> what the one-line error must say
     ("main", "--seeds", ""): r"--seeds: give at least one seed",
     ("main", "--seeds", "1,x"): r"--seeds: '1,x' is not a valid comma-separated list of int",
     ("main", "--backbone", "minilm", "--hyper", "nope=1"): r"unknown hyper-parameter\(s\) nope for backbone minilm",
+    ("main", "--backbone", LLM, "--hyper", "epochs=0"): r"--hyper epochs: must be >= 1",
     ("main", "--n-trials", "0"): r"--n-trials: must be >= 1",
 }
 
@@ -105,9 +109,12 @@ def test_bad_settings_in_python_name_the_option():
         TrainConfig(epochs="3")
     with pytest.raises(ValueError, match=r"--hyper: unknown hyper-parameter\(s\) nope for backbone minilm; valid: "):
         TrainConfig(backbone="minilm", hyper={"nope": 1})
+    with pytest.raises(ValueError, match=r"--model: expected str"):
+        TrainConfig(backbone=LLM, model=7)
     with pytest.raises(ValueError, match=r"--seeds item: expected int"):
         MainConfig(seeds=("42",))
-    assert TrainConfig(backbone="minilm", hyper={"learning_rate": 1}).backbone_hyper() == {"learning_rate": 1.0}
+    assert TrainConfig(backbone=LLM, hyper={"learning_rate": 1}, epochs=2).backbone_hyper() == {"learning_rate": 1.0,
+                                                                                               "epochs": 2}
 
 
 @pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["prepare", "--help"], ["predict", "--help"]])

@@ -170,17 +170,18 @@ def spell_hyper(hyper: dict) -> str:
     return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hyper.items())
 
 
-def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = None) -> dict:
+def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = None, option: str = "--hyper") -> dict:
     """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, and the
     bounds a field declares in its metadata (``ge``, ``gt``, ``le``, as :func:`setting` writes them) or
-    ``bounds`` gives by name; the model is not built. Returns ``hyper`` in canonical form."""
+    ``bounds`` gives by name; the model is not built. Returns ``hyper`` in canonical form. ``option``
+    is the command-line option the values came from, for the messages."""
     from psydef.backbones import backbone_class
 
     cls = backbone_class(backbone)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(hyper) - set(known))
     if unknown:
-        raise ValueError(f"--hyper: unknown hyper-parameter(s) {', '.join(unknown)} for backbone {backbone}; "
+        raise ValueError(f"{option}: unknown hyper-parameter(s) {', '.join(unknown)} for backbone {backbone}; "
                          f"valid: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     checked = {}
@@ -192,7 +193,8 @@ def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = Non
         if kind is str and not isinstance(value, str):
             value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
         declared = {k: v for k, v in known[key].metadata.items() if k in ("ge", "gt", "le", "choices")}
-        checked[key] = _check_value(f"--hyper {key}", kind, value, {**declared, **(bounds or {}).get(key, {})})
+        where = f"{option} {key}" if option == "--hyper" else option
+        checked[key] = _check_value(where, kind, value, {**declared, **(bounds or {}).get(key, {})})
     return checked
 
 
@@ -255,7 +257,10 @@ class TrainConfig(Settings):
 
         if self.model is not None and "model" in {f.name for f in dataclasses.fields(backbone_class(name))}:
             extra["model"] = self.model
-        return check_hyper(name, {**self.hyper, **extra}, BOUNDS_BY_NAME)
+        checked = check_hyper(name, self.hyper, BOUNDS_BY_NAME)
+        for key, value in extra.items():  # each named by its own option: --epochs, --learning-rate, --model
+            checked |= check_hyper(name, {key: value}, BOUNDS_BY_NAME, option=option_name(key))
+        return checked
 
 
 # --epochs and --learning-rate are shortcuts for --hyper epochs=... and learning_rate=...: the same bounds
@@ -347,5 +352,5 @@ class MainConfig(Settings):
         return RegisterConfig(tune_run=tune_run, name=self.model_name)
 
     def predict(self) -> PredictConfig:
-        return PredictConfig(data_dir=self.data_dir, model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION),
-                             out_dir=self.out_dir)
+        return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,
+                             model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION))

@@ -12,11 +12,15 @@ import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+import mlflow
 import numpy as np
+import optuna
 import pandas as pd
+from mlflow.exceptions import MlflowException
 
 from psydef import tracking
 from psydef.calibration.study import align_members, calibrate_oof
+from psydef.core.metrics import plot_confusion_matrix
 from psydef.stages.config import TuneConfig
 from psydef.stages.prepare import load_folds
 from psydef.stages.train import complete_fold_runs
@@ -37,8 +41,6 @@ class OOFBundle:
 def pick_train_runs(experiment_id: str) -> list:
     """The latest FINISHED ``train`` parent run of each seed in experiment ``experiment_id``, among
     those that share the data digest and backbone of the newest one; newest first."""
-    import mlflow
-
     experiment = mlflow.get_experiment(experiment_id)
     runs = tracking.finished_train_runs(experiment.experiment_id)
     if not runs:
@@ -72,9 +74,6 @@ def _train_run(run_id: str):
 
 def _download(run_id: str, artifact_path: str):
     """A run's JSON or ``.npy`` artifact, or None when the run has no such artifact."""
-    import mlflow
-    from mlflow.exceptions import MlflowException
-
     try:
         if artifact_path.endswith(".npy"):
             return tracking.load_npy(run_id, artifact_path)
@@ -133,9 +132,6 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     ``storage`` (``sqlite:///optuna.db``, ``path.journal``; in memory when None) keeps the study, so a
     second tune of the same members resumes it (``n_trials`` is the study's total) and tunes running at
     once share it. ``study_name`` defaults to :func:`default_study_name`."""
-    import mlflow
-    import optuna
-
     train_runs, n_trials, sampler, gate, seed = list(config.train_runs), config.n_trials, config.sampler, config.gate, config.seed
     storage, study_name, inner_trials = config.storage, config.study_name, config.inner_trials
     run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id)]
@@ -181,10 +177,6 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
 
 def _log_artifacts(report, oof: OOFBundle) -> None:
     """ensemble.json (the spec, each member with its backbone), the trials table and the plots."""
-    import mlflow
-
-    from psydef.core.metrics import plot_confusion_matrix
-
     spec = report.spec.to_dict()
     for member, backbone in zip(spec["members"], oof.backbones):
         member["backbone"] = backbone  # EnsembleSpec.from_dict keeps run_id and weight only
