@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from psydef import tracking
+from psydef import progress, tracking
 from psydef.stages.predict import Predicted, run_predict
 from psydef.stages.prepare import run_prepare
 from psydef.stages.promote import PromotionRefused, promote
@@ -29,6 +29,8 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
         tracking.log_new_params({"data_dir": str(data_dir), "seeds": ",".join(map(str, seeds)), "backbone": backbone,
                            "n_trials": n_trials, "sampler": sampler, "gate": gate, "model_name": model_name})
         prepared = run_prepare(data_dir, seed=seeds[0])
+        progress.plan_main(seeds=len(seeds), n_splits=int(prepared.folds["fold"].max()) + 1, backbone=backbone,
+                           n_trials=n_trials, inner_trials=inner_trials)
         train_runs = [run_train(data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone=backbone,
                                 model=model, hyper=hyper) for seed in seeds]
         tune_run = run_tune(train_runs, n_trials=n_trials, sampler=sampler, gate=gate, seed=seeds[0],

@@ -16,7 +16,7 @@ from pathlib import Path
 import numpy as np
 import pandas as pd
 
-from psydef import tracking
+from psydef import progress, tracking
 from psydef.backbones import backbone_class, resolve_backbone_name
 from psydef.calibration.rule import softmax
 from psydef.core.folds import check_no_leakage, split_fold
@@ -33,6 +33,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
     """Train fold ``k`` in its own run nested under the parent; returns the fold run id."""
     import mlflow
 
+    progress.fold_banner(seed, k, _n_splits(prepared))
     train_ids, valid_ids = split_fold(prepared.folds, k)
     rows = _rows(prepared)
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
