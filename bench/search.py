@@ -4,21 +4,30 @@
     python bench/search.py --oof a.npz,b.npz        # real OOF bundles: arrays ids, logits, y, groups
     python bench/search.py --train-runs             # OOF logits logged by the latest two train runs (seeds)
     python bench/search.py --train-runs A,B --tracking-uri sqlite:///mlflow.db   # these train runs
+    python bench/search.py --storages               # what a stored study costs (in memory, SQLite, journal)
+    python bench/search.py --storages --postgres postgresql+psycopg2://USER@HOST/DB   # ... and PostgreSQL
 
 Prints the best OOF macro-F1 (levels 1..8) after 100, 300, 1,000, 2,200 and 22,000 trials for each
 sampler (random is the anchor: the paper's random search of 22,000 bias vectors), the wall time of
 each study, and the wall time of scoring 22,000 candidates in numpy alone. TPE's and CMA-ES's cost
 per trial grows with the history, so their studies stop at --time-cap seconds and say where.
+
+``--storages`` times the same study (tune's default batches) in memory and on each storage tune
+accepts, with the cross-process lock the study takes per batch: what sharing or resuming a study
+costs over an in-memory one.
 """
 from __future__ import annotations
 
 import argparse
+import os
+import tempfile
 import time
 
 import numpy as np
 import optuna
 
-from psydef import tracking, tune
+from psydef import tracking
+from psydef.stages import tune
 from psydef.calibration.score import CandidateScorer
 from psydef.calibration.study import SAMPLERS, SearchSpace, align_members, run_study
 
@@ -54,6 +63,24 @@ def load_oof(paths: list[str]):
     return ids, logits, ys[0], groups[0]
 
 
+def compare_storages(scorer: CandidateScorer, postgres: str | None, tpe_trials: int, random_trials: int) -> None:
+    with tempfile.TemporaryDirectory() as tmp:
+        storages = {"in memory": None, "sqlite": f"sqlite:///{tmp}/optuna.db", "journal": f"{tmp}/optuna.journal"}
+        if postgres:
+            storages["postgresql"] = postgres
+        print(f"\nstudy wall time by storage (one process; batches: tpe 8, random 1024)\n"
+              f"{'storage':11} {'sampler':8} {'trials':>7} {'wall s':>7} {'ms/trial':>9} {'x memory':>9}")
+        for sampler, n in (("tpe", tpe_trials), ("random", random_trials)):
+            base = None
+            for label, storage in storages.items():
+                t = time.perf_counter()
+                run_study(scorer, n_trials=n, sampler=sampler, storage=storage, show_progress=False,
+                          study_name=f"bench-{sampler}-{os.getpid()}-{time.time_ns()}")
+                wall = time.perf_counter() - t
+                base = base or wall
+                print(f"{label:11} {sampler:8} {n:7,} {wall:7.1f} {1000 * wall / n:9.2f} {wall / base:9.2f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--oof", help="comma-separated .npz files (ids, logits, y, groups), one per member")
@@ -68,6 +95,9 @@ def main() -> None:
     parser.add_argument("--rows", type=int, default=1_870, help="synthetic: OOF rows (80%% of 2,336 seeker turns)")
     parser.add_argument("--dialogues", type=int, default=160, help="synthetic: dialogues")
     parser.add_argument("--no-gate", action="store_true", help="search without the tau7 gate")
+    parser.add_argument("--storages", action="store_true", help="only compare the study's storages")
+    parser.add_argument("--postgres", help="with --storages: a postgresql+psycopg2:// address to compare too")
+    parser.add_argument("--storage-trials", default="2000,20000", help="with --storages: tpe,random trials")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -92,6 +122,11 @@ def main() -> None:
     m = scorer.n_members
     raw = scorer.score(np.full((1, m), 1 / m), np.zeros((1, 9)))[0]
     print(f"raw equal-weight argmax OOF macro-F1: {raw:.4f}")
+
+    if args.storages:
+        tpe_trials, random_trials = map(int, args.storage_trials.split(","))
+        compare_storages(scorer, args.postgres, tpe_trials, random_trials)
+        return
 
     space = SearchSpace(m, gate=not args.no_gate)
     candidates = space.to_arrays(space.sample(np.random.default_rng(args.seed), 22_000))

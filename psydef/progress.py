@@ -14,3 +14,33 @@ def line_buffered() -> None:
 
 def banner(text: str) -> None:
     print(f"== {text}", flush=True)
+
+
+class _Plan:
+    """The folds ``main`` will train, and when the first of them started: the remaining training
+    time is estimated from the folds done so far (their mean duration)."""
+    total_folds: int | None = None
+    started: list[float] = []
+
+
+def plan_main(*, seeds: int, n_splits: int, backbone: str, n_trials: int, inner_trials: int) -> None:
+    """The work of ``main``, printed before it starts; the time estimate follows from the first fold."""
+    _Plan.total_folds, _Plan.started = seeds * n_splits, []
+    banner(f"main: prepare, then train {seeds} seed(s) x {n_splits} folds ({backbone}), tune ({n_trials:,} trials "
+           f"+ a nested estimate of {n_splits} x {inner_trials:,}), register, promote, predict. Training takes "
+           "most of the time; once the first fold is done each fold's banner estimates the rest")
+
+
+def fold_banner(seed: int, fold: int, n_splits: int) -> None:
+    """``== train seed 42: fold 2/5``, with the time left for training under ``main`` once a fold is done."""
+    import time
+
+    now = time.monotonic()
+    _Plan.started.append(now)
+    line = f"train seed {seed}: fold {fold + 1}/{n_splits}"
+    done = len(_Plan.started) - 1
+    if _Plan.total_folds and done:
+        per_fold = (now - _Plan.started[0]) / done
+        left = max(_Plan.total_folds - done, 0) * per_fold
+        line += f" (about {left / 60:.0f} min of training left: {per_fold / 60:.1f} min per fold so far)"
+    banner(line)

@@ -11,22 +11,28 @@ the batch is drawn in bulk with numpy (uniform over the same distributions, seed
 the number of trials already complete) and recorded with ``study.add_trials``: 2.5x less Optuna
 overhead than ask/tell, and the same trials, distributions and values in the study.
 
-Storage and sharing: ``None`` (in memory), ``sqlite:///path.db`` (RDBStorage), or a journal file
+Storage and sharing: ``None`` (in memory), ``sqlite:///path.db`` or ``postgresql+psycopg2://...``
+(Optuna's RDBStorage; PostgreSQL is what tuners on several machines share), or a journal file
 (``path.journal`` or ``journal://path``; JournalStorage + JournalFileBackend). The study is loaded if
 it exists, and ``n_trials`` is the number of COMPLETE trials the study should end with, so a second
-call resumes it. A stored study is searched on an in-memory mirror; each batch, under an exclusive
-``fcntl`` lock on ``<file>.study-lock``, a process copies into its mirror the trials others stored,
-counts the complete trials, runs ``min(batch, n_trials - complete)`` new ones on the mirror and
-writes them back with ``add_trials``. Batches of different processes never overlap, so the study
-ends with exactly ``n_trials`` trials, all complete, and each batch's sampler has seen every trial
-stored before it. Give each process its own ``seed``, as Optuna advises for parallel samplers.
+call resumes it. Batches are asked and told on the storage itself (bench/search.py compares the
+storages with in-memory studies). Only the count-and-ask step is serialised across processes, by a
+lock the storage offers to everyone who can open it: a PostgreSQL advisory lock on the study's name,
+or an exclusive ``fcntl`` lock on ``<file>.study-lock`` for the file storages. Under it a process
+counts the complete and running trials and asks ``min(batch, n_trials - counted)`` new ones, so the
+study never holds more than ``n_trials`` complete trials, and each batch's sampler has seen every
+trial asked before it. Trials of a batch that fails are told FAIL; RUNNING trials older than
+``STALE_TRIAL_S`` (their process died) are told FAIL under the lock, so a resumed study is not
+blocked by them. Give each process its own ``seed``, as Optuna advises for parallel samplers.
 """
 from __future__ import annotations
 
+import datetime
 import fcntl
 import importlib.util
 import math
 import os
+import re
 import time
 import warnings
 from contextlib import contextmanager
@@ -50,6 +56,8 @@ from psydef.core.labels import HIGH_ADAPTIVE, N_LEVELS
 
 DEFAULT_BATCH = {"tpe": 8, "random": 1024}  # cmaes: one generation (its population size)
 LOCK_SUFFIX = ".study-lock"
+POSTGRES_PREFIX = "postgresql+psycopg2:"
+STALE_TRIAL_S = 600.0  # a batch is scored in well under a second: a trial RUNNING this long is dead
 
 
 # ---------------------------------------------------------------------------------------------
@@ -129,7 +137,7 @@ def _cma_popsize(space: SearchSpace) -> int:
 
 
 def _parse_storage(storage) -> tuple[str, str] | None:
-    """None (in memory), or (kind, file) of ``sqlite:///path``, ``journal://path`` or ``path.journal``."""
+    """None (in memory), or (kind, address): ("sqlite", file), ("journal", file) or ("postgresql", URL)."""
     if storage is None:
         return None
     s = os.fspath(storage)
@@ -138,32 +146,70 @@ def _parse_storage(storage) -> tuple[str, str] | None:
         if path in ("", ":memory:"):
             raise ValueError("An in-memory SQLite study cannot be shared or resumed; use storage=None instead.")
         return "sqlite", path
+    if s.startswith(POSTGRES_PREFIX):
+        return "postgresql", s
+    if s.startswith("postgresql"):
+        raise ValueError(f"Unsupported storage {_masked(s)!r}: name the driver, {POSTGRES_PREFIX}//USER@HOST/DB "
+                         "(SQLAlchemy maps a bare postgresql:// to psycopg 3, which psydef does not install).")
     if s.startswith("journal://"):
         return "journal", s[len("journal://"):]
     if s.endswith(".journal"):
         return "journal", s
-    raise ValueError(f"Unsupported storage {s!r}: use None, 'sqlite:///path.db', 'path.journal' or 'journal://path'.")
+    raise ValueError(f"Unsupported storage {_masked(s)!r}: use None, 'sqlite:///path.db', "
+                     f"'{POSTGRES_PREFIX}//USER@HOST:PORT/DB', 'path.journal' or 'journal://path'.")
+
+
+def _masked(address: str) -> str:
+    """user:password@ -> user:***@, for messages."""
+    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", address)
 
 
 def _open_storage(parsed: tuple[str, str] | None) -> optuna.storages.BaseStorage | None:
     if parsed is None:
         return None
-    kind, path = parsed
-    return RDBStorage(f"sqlite:///{path}") if kind == "sqlite" else JournalStorage(JournalFileBackend(path))
+    kind, address = parsed
+    if kind == "journal":
+        return JournalStorage(JournalFileBackend(address))
+    return RDBStorage(f"sqlite:///{address}" if kind == "sqlite" else address)
 
 
-@contextmanager
-def _locked(path: str | None):
-    """Exclusive lock on ``<path>.study-lock`` across processes (a no-op for in-memory studies)."""
-    if path is None:
-        yield
-        return
-    with open(f"{path}{LOCK_SUFFIX}", "a") as f:
-        fcntl.flock(f, fcntl.LOCK_EX)
-        try:
+class _StudyLock:
+    """The cross-process lock of one study (a no-op in memory): a PostgreSQL advisory lock on its
+    name, held on one connection for the whole search; else ``fcntl`` on ``<file>.study-lock``."""
+
+    def __init__(self, parsed: tuple[str, str] | None, study_name: str):
+        self.parsed, self.study_name, self._connection = parsed, study_name, None
+
+    @contextmanager
+    def __call__(self):
+        if self.parsed is None:
             yield
-        finally:
-            fcntl.flock(f, fcntl.LOCK_UN)
+        elif self.parsed[0] == "postgresql":
+            from sqlalchemy import text
+
+            if self._connection is None:
+                import sqlalchemy
+
+                self._connection = sqlalchemy.create_engine(self.parsed[1], poolclass=sqlalchemy.pool.NullPool).connect()
+            key = {"key": f"psydef-study:{self.study_name}"}
+            self._connection.execute(text("SELECT pg_advisory_lock(hashtext(:key))"), key)
+            try:
+                yield
+            finally:
+                self._connection.execute(text("SELECT pg_advisory_unlock(hashtext(:key))"), key)
+                self._connection.commit()
+        else:
+            with open(f"{self.parsed[1]}{LOCK_SUFFIX}", "a") as f:
+                fcntl.flock(f, fcntl.LOCK_EX)
+                try:
+                    yield
+                finally:
+                    fcntl.flock(f, fcntl.LOCK_UN)
+
+    def close(self) -> None:
+        if self._connection is not None:
+            self._connection.close()
+            self._connection = None
 
 
 def _n_complete(study: optuna.Study) -> int:
@@ -177,13 +223,20 @@ def _check_same_space(study: optuna.Study, space: SearchSpace) -> None:
                          f"this search is over {sorted(space.distributions())} (members, gate or bounds differ).")
 
 
+def _fail_stale_trials(study: optuna.Study) -> None:
+    """Tell FAIL the RUNNING trials asked more than STALE_TRIAL_S ago: their process died mid-batch."""
+    now = datetime.datetime.now()
+    for trial in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)):
+        if trial.datetime_start is not None and (now - trial.datetime_start).total_seconds() > STALE_TRIAL_S:
+            study.tell(trial.number, state=TrialState.FAIL)
+
+
 def load_study(storage, study_name: str = "calibration") -> optuna.Study:
     """An existing study from ``storage`` (any address :func:`run_study` accepts but None), to read."""
     parsed = _parse_storage(storage)
     if parsed is None:
         raise ValueError("An in-memory study cannot be loaded: use SearchResult.study.")
-    with _locked(parsed[1]):
-        return optuna.load_study(study_name=study_name, storage=_open_storage(parsed))
+    return optuna.load_study(study_name=study_name, storage=_open_storage(parsed))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -261,39 +314,34 @@ def run_study(scorer: CandidateScorer, *, n_trials: int, sampler: str = "tpe", s
         raise ValueError(f"batch_size must be >= 1; got {batch}.")
     optuna_sampler = make_sampler(sampler, seed, space)
 
-    parsed = _parse_storage(storage)
-    lock_path = None if parsed is None else parsed[1]
-    with _locked(lock_path):  # creating tables or a study must not race another process
-        study = optuna.create_study(storage=_open_storage(parsed), sampler=optuna_sampler, study_name=study_name,
-                                    direction="maximize", load_if_exists=True)
-        _check_same_space(study, space)
-        done = _n_complete(study)
-    # A stored study is searched on an in-memory mirror and only complete trials are written back:
-    # one write per trial instead of a dozen (ask, each parameter, tell), and nothing half-done is
-    # ever stored, even when a batch is interrupted.
-    mirror = study if parsed is None else optuna.create_study(sampler=optuna_sampler, direction="maximize")
-
-    n_new, start = 0, time.monotonic()
-    with tqdm(total=n_trials, initial=min(done, n_trials), desc=f"{sampler} search", unit="trial",
-              disable=not show_progress) as bar:
-        while timeout is None or time.monotonic() - start < timeout:
-            with _locked(lock_path):
-                complete = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
-                if mirror is not study:  # catch up with trials stored by earlier runs or other processes
-                    mirror.add_trials(complete[len(mirror.get_trials(deepcopy=False)):])
-                done = len(complete)
-                k = min(batch, n_trials - done)
-                if k > 0:
-                    if sampler == "random":
-                        _random_batch(mirror, space, scorer, np.random.default_rng([seed, done]), k)
-                    else:
-                        _ask_tell_batch(mirror, space, scorer, k)
-                    if mirror is not study:
-                        study.add_trials(mirror.get_trials(deepcopy=False)[-k:])
-            if k <= 0:
-                break
-            n_new += k
-            bar.update(done + k - bar.n)
+    lock = _StudyLock(_parse_storage(storage), study_name)
+    try:
+        with lock():  # creating tables or a study must not race another process
+            study = optuna.create_study(storage=_open_storage(lock.parsed), sampler=optuna_sampler,
+                                        study_name=study_name, direction="maximize", load_if_exists=True)
+            _check_same_space(study, space)
+            done = _n_complete(study)
+        n_new, start = 0, time.monotonic()
+        with tqdm(total=n_trials, initial=min(done, n_trials), desc=f"{sampler} search", unit="trial",
+                  disable=not show_progress) as bar:
+            while timeout is None or time.monotonic() - start < timeout:
+                with lock():
+                    _fail_stale_trials(study)
+                    counted = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE, TrialState.RUNNING))
+                    k = min(batch, n_trials - len(counted))
+                    if k > 0 and sampler == "random":  # drawn, scored and stored at once: nothing to ask
+                        done = len(counted)
+                        _random_batch(study, space, scorer, np.random.default_rng([seed, done]), k)
+                    elif k > 0:
+                        asked = [study.ask(fixed_distributions=space.distributions()) for _ in range(k)]
+                if k <= 0:
+                    break
+                if sampler != "random":
+                    _tell_batch(study, space, scorer, asked)
+                n_new += k
+                bar.update(min(_n_complete(study), n_trials) - bar.n)
+    finally:
+        lock.close()
     return SearchResult(study, space, n_new)
 
 
@@ -306,10 +354,14 @@ def _random_batch(study, space: SearchSpace, scorer: CandidateScorer, rng: np.ra
                      for row, v in zip(x, values.tolist()))
 
 
-def _ask_tell_batch(study, space: SearchSpace, scorer: CandidateScorer, k: int) -> None:
-    dists = space.distributions()
-    trials = [study.ask(fixed_distributions=dists) for _ in range(k)]
-    values = scorer.score(*space.to_arrays(space.params_matrix([t.params for t in trials])))
+def _tell_batch(study, space: SearchSpace, scorer: CandidateScorer, trials: list) -> None:
+    """Score the asked ``trials`` in one pass and tell them; if scoring fails they are told FAIL."""
+    try:
+        values = scorer.score(*space.to_arrays(space.params_matrix([t.params for t in trials])))
+    except BaseException:
+        for t in trials:
+            study.tell(t, state=TrialState.FAIL)
+        raise
     for t, v in zip(trials, values.tolist()):
         study.tell(t, v)
 

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import mlflow
 
-from psydef import tracking
+from psydef import progress, tracking
 from psydef.stages.config import MainConfig
 from psydef.stages.predict import Predicted, run_predict
 from psydef.stages.prepare import run_prepare
@@ -24,6 +24,8 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
     with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
         tracking.log_new_params(config.params())
         prepared = run_prepare(config.prepare())
+        progress.plan_main(seeds=len(seeds), n_splits=prepared.n_splits, backbone=backbone, n_trials=config.n_trials,
+                           inner_trials=config.inner_trials)
         train_runs = [run_train(config.train(seed, prepared.run_id), experiment_id=experiment_id, prepared=prepared)
                       for seed in seeds]
         tune_run = run_tune(config.tune(train_runs), experiment_id=experiment_id)

@@ -20,7 +20,7 @@ import mlflow
 import numpy as np
 import pandas as pd
 
-from psydef import tracking
+from psydef import progress, tracking
 from psydef.backbones import backbone_class
 from psydef.calibration.rule import softmax
 from psydef.core.augment import with_provenance
@@ -56,6 +56,7 @@ def _rows(prepared: Prepared) -> pd.DataFrame:
 
 def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> FoldResult:
     """Train fold ``k`` in its own run nested under the parent; returns what it logged."""
+    progress.fold_banner(seed, k, prepared.n_splits)
     train_ids, valid_ids = split_fold(prepared.folds, k)
     rows = _rows(prepared)
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
