@@ -2,7 +2,9 @@
 tracking store and an empty embedding cache (unless --warm-cache: then $PSYDEF_CACHE_DIR): wall time
 per stage and in total, peak memory, and the official OOF macro-F1 before and after calibration.
 
-    python bench/pipeline.py --data-dir ../shared/data/psydefconv [--seeds 42,20260407]
+    python bench/pipeline.py --data-dir ../shared/data/psydefconv [--seeds 42,20260407] [--store-dir DIR]
+
+--store-dir keeps the tracking store (DIR/mlflow.db), e.g. for bench/decode.py --tracking-uri.
 """
 import argparse
 import os
@@ -26,9 +28,13 @@ def main():
     parser.add_argument("--data-dir", default="../shared/data/psydefconv")
     parser.add_argument("--seeds", default="42,20260407")
     parser.add_argument("--warm-cache", action="store_true", help="keep $PSYDEF_CACHE_DIR (default: an empty one)")
+    parser.add_argument("--store-dir", default=None, help="an empty folder for the tracking store (default: a "
+                        "temporary one, deleted at the end)")
     args = parser.parse_args()
     data_dir = Path(args.data_dir).resolve()
-    with tempfile.TemporaryDirectory() as tmp:
+    with tempfile.TemporaryDirectory() as scratch:
+        tmp = str(Path(args.store_dir).resolve()) if args.store_dir else scratch
+        Path(tmp).mkdir(parents=True, exist_ok=True)
         uri = f"sqlite:///{tmp}/mlflow.db"
         cache = {} if args.warm_cache else {"PSYDEF_CACHE_DIR": f"{tmp}/embedding-cache"}
         env = {**os.environ, **cache, "MLFLOW_TRACKING_URI": uri, "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
