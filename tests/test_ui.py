@@ -5,7 +5,7 @@ a free loopback port, rendered by headless Chromium (``--dump-dom`` after a ``--
 Asserted on the rendered pages: the experiment's runs table lists the train runs and their dataset,
 a train run's page shows its description, the compare page shows the params that differ, the model
 version page shows the version's description and the ``production`` alias. Screenshots of each page
-are saved in the test's temporary folder (its path is printed). Skips when Chromium is absent
+are saved in the test's temporary folder, or in $PSYDEF_UI_SCREENSHOTS (the path is printed). Skips when Chromium is absent
 (Debian: ``apt-get install chromium``)."""
 from __future__ import annotations
 
@@ -105,8 +105,10 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
         [tracking.PREPARE, tracking.TRAIN, tracking.TRAIN, tracking.TUNE, tracking.REGISTER, tracking.PROMOTE])
     assert all(run.data.tags.get(tracking.NOTE) for run in stage_runs)  # every stage run has a description
     notes = {run_id: client.get_run(run_id).data.tags[tracking.NOTE] for run_id in train_runs}
-    shots, profile, workdir = tmp_path / "screenshots", tmp_path / "chromium-profile", tmp_path / "server"
-    shots.mkdir()
+    # pytest keeps only its last few temporary folders: PSYDEF_UI_SCREENSHOTS names a folder that stays
+    shots = Path(os.environ.get("PSYDEF_UI_SCREENSHOTS") or tmp_path / "screenshots")
+    profile, workdir = tmp_path / "chromium-profile", tmp_path / "server"
+    shots.mkdir(parents=True, exist_ok=True)
     workdir.mkdir()
 
     with mlflow_server(store_uri, workdir) as (uri, _, _):
