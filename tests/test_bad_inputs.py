@@ -1,7 +1,7 @@
 """Bad input through the ``psydef`` CLI (in process): a clean non-zero exit whose one-line message names
 the problem, no new registered model version, and the ``production`` alias left where it was.
 
-The store is tests/conftest.py's registered tiny ensemble (``registry_store``, promoted ``champion``);
+The store is the registered tiny ensemble of tests/fixtures/stores.py (``registry_store``, promoted ``champion``);
 the tune members are test_tune's fake train runs."""
 import json
 import re

@@ -23,7 +23,7 @@ def embedding_cache(tmp_path, monkeypatch):
 
 @pytest.fixture(scope="module")
 def rows():
-    from tests.conftest import dialogue_rows
+    from tests.fixtures.records import dialogue_rows
 
     return dialogue_rows(54)
 

@@ -1,8 +1,8 @@
 """Faults injected on purpose: a broken adapter file, a tracking server that is not there, stage
 processes killed (SIGKILL, SIGTERM) or silent on another machine.
 
-The store is tests/conftest.py's registered tiny ensemble (``registry_store``, ``champion``); the
-killed processes are real ``python -m entrypoints.*`` jobs (tests/conftest.py's ``TrainJobs``)."""
+The store is the registered tiny ensemble of tests/fixtures/stores.py (``registry_store``, ``champion``); the
+killed processes are real ``python -m entrypoints.*`` jobs (tests/fixtures/jobs.py: ``TrainJobs``)."""
 import shutil
 import signal
 import socket
@@ -20,8 +20,8 @@ from mlflow.entities import LoggedModelStatus
 
 from entrypoints.cli import cli
 from psydef import tracking
-from tests.conftest import REPO, TrainJobs
-from tests.servers import clean_env, free_port
+from tests.fixtures.jobs import REPO, TrainJobs
+from tests.fixtures.server import clean_env, free_port
 
 NAME = tracking.MODEL_NAME
 
@@ -29,7 +29,7 @@ NAME = tracking.MODEL_NAME
 @pytest.fixture(scope="module")
 def store(registry_store, champion, tmp_path_factory):
     """The registry store, plus two fake train runs with OOF logits (test_tune's) to tune."""
-    from tests.test_tune import Store
+    from tests.fixtures.fake_runs import Store
 
     fake = Store(tmp_path_factory.mktemp("tune-members"),
                  MlflowClient().get_experiment_by_name(registry_store.experiment).experiment_id)

@@ -1,8 +1,8 @@
 """Concurrent `psydef promote` processes against one loopback `mlflow server` end as some one-after-the-
 other order of them would, and each reports success only if that order promotes (or keeps) its version.
 
-The store is tests/conftest.py's registered tiny ensemble; more versions of the same model carry other
-gate scores. The server (tests/servers.py) serves that SQLite store; the model artifacts are local
+The store is the registered tiny ensemble of tests/fixtures/stores.py; more versions of the same model carry other
+gate scores. The server (tests/fixtures/server.py) serves that SQLite store; the model artifacts are local
 files, read by the promote processes directly."""
 import itertools
 import os
@@ -13,7 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from psydef import tracking
-from tests.servers import REPO, clean_env, mlflow_server, tail
+from tests.fixtures.server import REPO, clean_env, mlflow_server, tail
 
 NAME = tracking.MODEL_NAME
 # version -> gate score; v1 is the champion (0.4). One after the other, 4 after 2 passes, 2 after 4 is refused.

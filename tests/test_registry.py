@@ -1,6 +1,6 @@
 """register -> promote -> load by alias -> predict / serve, on a tiny ensemble of MiniLM members built
 by the train contract (a train parent per seed, FINISHED fold runs with ``adapter/``) in a temporary
-SQLite tracking store: tests/conftest.py's ``registry_store`` and ``champion``."""
+SQLite tracking store: tests/fixtures/stores.py: ``registry_store`` and ``champion``."""
 import json
 import os
 import signal
@@ -32,7 +32,7 @@ NAME = tracking.MODEL_NAME
 
 @pytest.fixture(scope="module")
 def store(registry_store):
-    """The registered tiny ensemble's store (tests/conftest.py: ``registry_store``, ``champion``)."""
+    """The registered tiny ensemble's store (tests/fixtures/stores.py: ``registry_store``, ``champion``)."""
     return registry_store
 
 

@@ -1,6 +1,6 @@
 """Integration: the whole `main` chain against a real `mlflow server` (started by
 mlruns_config/start_server.sh on 127.0.0.1, artifacts proxied to a local folder), with a SQLite or a
-PostgreSQL backend store, checked through the server's REST API (servers: tests/servers.py)."""
+PostgreSQL backend store, checked through the server's REST API (servers: tests/fixtures/server.py)."""
 from __future__ import annotations
 
 import json
@@ -12,7 +12,7 @@ from collections import defaultdict
 import pytest
 
 from psydef import tracking
-from tests.servers import REPO, clean_env, group_cmdlines, tail, mlflow_server, postgres_cluster
+from tests.fixtures.server import REPO, clean_env, group_cmdlines, tail, mlflow_server, postgres_cluster
 
 SEEDS = (1, 2)
 N_FOLDS = 5
