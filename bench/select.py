@@ -29,24 +29,24 @@ BENCH = Path(__file__).resolve().parent
 # This file is named like the standard library's ``select``: keep its folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import hashlib
+import importlib.util
+import json
+import time
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 
-from psydef.backbones.encoder import cache_root  # noqa: E402
-from psydef.backbones.minilm import MiniLMBackbone  # noqa: E402
-from psydef.core.augment import augment_minority, with_provenance  # noqa: E402
-from psydef.core.data import dataset_digest, read_split  # noqa: E402
-from psydef.core.folds import GROUP_BY, fold_table, split_fold  # noqa: E402
-from psydef.core.metrics import evaluate  # noqa: E402
+from psydef.backbones.encoder import cache_root
+from psydef.backbones.minilm import MiniLMBackbone
+from psydef.core.augment import augment_minority, with_provenance
+from psydef.core.data import dataset_digest, read_split
+from psydef.core.folds import GROUP_BY, fold_table, split_fold
+from psydef.core.metrics import evaluate
 
 METRICS = (("macro_f1", "F1 1-8"), ("macro_f1_all", "F1 0-8"), ("accuracy", "acc"))
 
