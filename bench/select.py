@@ -29,24 +29,24 @@ BENCH = Path(__file__).resolve().parent
 # This file is named like the standard library's ``select``: keep its folder off the import path.
 sys.path[:] = [p for p in sys.path if Path(p or ".").resolve() != BENCH]
 
-import argparse  # noqa: E402
-import hashlib  # noqa: E402
-import importlib.util  # noqa: E402
-import json  # noqa: E402
-import time  # noqa: E402
+import argparse
+import hashlib
+import importlib.util
+import json
+import time
 
-import numpy as np  # noqa: E402
-import pandas as pd  # noqa: E402
-import scipy.sparse as sp  # noqa: E402
-from sklearn.feature_extraction.text import TfidfVectorizer  # noqa: E402
-from sklearn.linear_model import LogisticRegression  # noqa: E402
+import numpy as np
+import pandas as pd
+import scipy.sparse as sp
+from sklearn.feature_extraction.text import TfidfVectorizer
+from sklearn.linear_model import LogisticRegression
 
-from psydef.backbones.encoder import cache_root  # noqa: E402
-from psydef.backbones.minilm import MiniLMBackbone  # noqa: E402
-from psydef.core.augment import augment_minority, with_provenance  # noqa: E402
-from psydef.core.data import dataset_digest, read_split  # noqa: E402
-from psydef.core.folds import GROUP_BY, fold_table, split_fold  # noqa: E402
-from psydef.core.metrics import evaluate  # noqa: E402
+from psydef.backbones.encoder import cache_root
+from psydef.backbones.minilm import MiniLMBackbone
+from psydef.core.augment import augment_minority, with_provenance
+from psydef.core.data import dataset_digest, read_split
+from psydef.core.folds import GROUP_BY, fold_table, split_fold
+from psydef.core.metrics import evaluate
 
 METRICS = (("macro_f1", "F1 1-8"), ("macro_f1_all", "F1 0-8"), ("accuracy", "acc"))
 
@@ -112,14 +112,18 @@ def make_candidate(spec: str):
     raise SystemExit(f"unknown candidate {spec!r}: floor, torch-head[:K=V,...] or minilm[:K=V,...]")
 
 
-def oof_predictions(spec: str, real: pd.DataFrame, mode: str, seed: int, digest: str, cache: Path | None):
-    """(OOF predictions for the real rows, seconds spent), read from the cache when present."""
+def oof_predictions(spec: str, real: pd.DataFrame, mode: str, seed: int, digest: str, cache: Path | None,
+                    cached_only: bool = False):
+    """(OOF predictions for the real rows, seconds spent), read from the cache when present; None when
+    ``cached_only`` and not cached."""
     candidate = make_candidate(spec)
     key = hashlib.sha256(json.dumps([spec, candidate.config(), mode, seed, digest]).encode()).hexdigest()[:24]
     path = None if cache is None else cache / f"{key}.json"
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())
         return np.asarray(saved["pred"]), saved["seconds"]
+    if cached_only:
+        return None
     start = time.perf_counter()
     augmented = augment_minority(real, seed=seed, k=3 if candidate.uses_augmented else 0)
     folds = fold_table(real, augmented, seed=seed, group_by=mode)
@@ -144,6 +148,8 @@ def main() -> None:
                         "when a candidate has arguments, e.g. 'floor;minilm:C=1,combine=\"vote\"'")
     parser.add_argument("--repeats", type=int, default=3)
     parser.add_argument("--modes", default=",".join(GROUP_BY))
+    parser.add_argument("--cached-only", action="store_true", help="print what the cache holds, compute nothing "
+                        "(a cell then says how many repeats it averages)")
     args = parser.parse_args()
     specs = args.candidates.split(";") if ";" in args.candidates else args.candidates.split(",")
     modes = args.modes.split(",")
@@ -157,7 +163,10 @@ def main() -> None:
         for mode in modes:
             runs = []
             for r in range(args.repeats):
-                pred, seconds = oof_predictions(spec, real, mode, 42 + r, digest, cache)
+                found = oof_predictions(spec, real, mode, 42 + r, digest, cache, args.cached_only)
+                if found is None:
+                    continue
+                pred, seconds = found
                 runs.append({**evaluate(y, pred), "seconds": seconds})
                 print(f"{spec} {mode} seed {42 + r}: F1 1-8 {runs[-1]['macro_f1']:.4f} ({seconds:.0f} s)",
                       file=sys.stderr, flush=True)
@@ -168,10 +177,16 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for spec in specs:
-        cells = [f"{np.mean([r[m] for r in table[spec, mode]]):.4f} ± {np.std([r[m] for r in table[spec, mode]]):.4f}"
-                 for mode in modes for m, _ in METRICS]
-        seconds = np.mean([r["seconds"] for mode in modes for r in table[spec, mode]])
-        print(f"| `{spec}` | " + " | ".join(cells) + f" | {seconds:.0f} |")
+        cells = [_cell([r[m] for r in table[spec, mode]], args.repeats) for mode in modes for m, _ in METRICS]
+        seconds = [r["seconds"] for mode in modes for r in table[spec, mode]]
+        print(f"| `{spec}` | " + " | ".join(cells) + f" | {np.mean(seconds) if seconds else float('nan'):.0f} |")
+
+
+def _cell(values: list[float], repeats: int) -> str:
+    if not values:
+        return "not run"
+    text = f"{np.mean(values):.4f} ± {np.std(values):.4f}"
+    return text if len(values) == repeats else f"{text} (n={len(values)})"
 
 
 if __name__ == "__main__":

@@ -5,9 +5,8 @@ import json
 import numpy as np
 import pytest
 
-from psydef.backbones import backbone_class, load_adapter, resolve_backbone_name
+from psydef.backbones import backbone_class, load_adapter, minilm, resolve_backbone_name
 from psydef.backbones.encoder import FrozenEncoder
-from psydef.backbones import minilm
 from psydef.backbones.minilm import MiniLMBackbone
 
 SMALL = {"max_length": 32}  # short encoder inputs: the fixtures are short
