@@ -147,7 +147,8 @@ class TrackingStoreUnreachable(ValueError):
 def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
     """For an http(s) tracking URI: one request to ``/health`` with a short timeout, so that a server
     that is not there fails at once with one line (MLflow would retry for minutes, then print a
-    chained traceback). Any HTTP answer, an error status included, means a server is there."""
+    chained traceback). An MLflow server answers 200 (401/403 behind a login); any other status
+    means something else listens there."""
     if not uri.startswith(("http://", "https://")):
         return
     import urllib.error
@@ -155,8 +156,11 @@ def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
 
     try:
         urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
-    except urllib.error.HTTPError:
-        return
+    except urllib.error.HTTPError as err:
+        if err.code not in (401, 403):
+            raise TrackingStoreUnreachable(
+                f"tracking server {uri} does not answer like an MLflow server (HTTP {err.code} for /health): check "
+                "its host, port and path, and MLFLOW_TRACKING_URI / --tracking-uri") from None
     except (OSError, ValueError) as err:
         reason = getattr(err, "reason", err)
         raise TrackingStoreUnreachable(
@@ -523,7 +527,11 @@ def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
         if reason is None:
             continue
         run_id = run.info.run_id
-        orphans = [r.info.run_id for r in running if r.data.tags.get(PARENT_RUN_ID) == run_id and HEARTBEAT not in r.data.tags]
+        # its nested runs without a heartbeat of their own, started by it: before its last beat (fold jobs
+        # started later under the same parent are another process's)
+        started_by_it = (float(run.data.tags[HEARTBEAT]) + 2 * HEARTBEAT_S) * 1000
+        orphans = [r.info.run_id for r in running if r.data.tags.get(PARENT_RUN_ID) == run_id
+                   and HEARTBEAT not in r.data.tags and r.info.start_time <= started_by_it]
         for dead in (run_id, *orphans):
             mlflow_client.set_tag(dead, END_REASON, f"marked FAILED by pid {os.getpid()} on {socket.gethostname()}: "
                                                     + (reason if dead == run_id else f"parent run {run_id}: {reason}"))

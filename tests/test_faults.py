@@ -202,22 +202,24 @@ def test_a_silent_run_of_another_machine_is_marked_failed_with_its_nested_runs(s
     client = MlflowClient()
     experiment = client.get_experiment_by_name(store.experiment).experiment_id
 
-    def run(beat_age: float, parent: str | None = None, heartbeat: bool = True) -> str:
+    def run(beat_age: float, parent: str | None = None, heartbeat: bool = True, start_age: float = 0) -> str:
         tags = {tracking.STAGE: tracking.TUNE}
         if heartbeat:
             tags |= {tracking.HEARTBEAT: str(int(time.time() - beat_age)), tracking.HEARTBEAT_PID: "4242",
                      tracking.HEARTBEAT_HOST: "another-machine"}
         if parent:
             tags[tracking.PARENT_RUN_ID] = parent
-        return client.create_run(experiment, tags=tags).info.run_id
+        return client.create_run(experiment, tags=tags, start_time=int(1000 * (time.time() - start_age))).info.run_id
 
-    silent = run(tracking.STALE_AFTER_S + 60)
-    nested = run(0, parent=silent, heartbeat=False)
+    stale = tracking.STALE_AFTER_S + 60
+    silent = run(stale, start_age=stale + 60)
+    nested = run(0, parent=silent, heartbeat=False, start_age=stale + 30)  # started by the silent process
+    later = run(0, parent=silent, heartbeat=False)  # e.g. a fold job started under it since: not its
     alive = run(1)  # beat a second ago
     legacy = run(0, heartbeat=False)  # no heartbeat at all (e.g. a parent of fold jobs): not ours to judge
     _next_stage(data_dir)
-    status = {r: client.get_run(r).info.status for r in (silent, nested, alive, legacy)}
-    assert status == {silent: "FAILED", nested: "FAILED", alive: "RUNNING", legacy: "RUNNING"}
+    status = {r: client.get_run(r).info.status for r in (silent, nested, later, alive, legacy)}
+    assert status == {silent: "FAILED", nested: "FAILED", later: "RUNNING", alive: "RUNNING", legacy: "RUNNING"}
     assert "no heartbeat from pid 4242 on another-machine" in client.get_run(silent).data.tags[tracking.END_REASON]
-    for run_id in (alive, legacy):
+    for run_id in (later, alive, legacy):
         client.set_terminated(run_id, "FINISHED")
