@@ -18,7 +18,8 @@ import time
 import numpy as np
 import optuna
 
-from psydef import tracking, tune
+from psydef import tracking
+from psydef.stages import tune
 from psydef.calibration.score import CandidateScorer
 from psydef.calibration.study import SAMPLERS, SearchSpace, align_members, run_study
 

@@ -183,6 +183,11 @@ def _member_probs(logits_by_member: Sequence) -> np.ndarray:
     return np.stack([softmax(x) for x in _check_members(logits_by_member)])
 
 
+def plain_decode(logits_by_member: Sequence) -> np.ndarray:
+    """Labels (n,) of the plain blend: equal weights, delta 0, no gate (what :meth:`EnsembleSpec.plain` decodes)."""
+    member_probs = _member_probs(logits_by_member)
+    m = member_probs.shape[0]
+    return _decide(_blend(member_probs, np.full((1, m), 1.0 / m)), np.zeros((1, N_LEVELS)), None)[0]
 
 # ---------------------------------------------------------------------------------------------
 # The calibrated ensemble, as a file
@@ -220,6 +225,12 @@ class EnsembleSpec:
         if self.rule != DECODE_RULE:
             raise ValueError(f"This spec was written for decode rule {self.rule!r}; this code decodes {DECODE_RULE!r}.")
         self.metrics = {str(k): float(v) for k, v in self.metrics.items()}
+
+    @classmethod
+    def plain(cls, run_ids: Sequence[str], **kwargs) -> "EnsembleSpec":
+        """The plain blend of ``run_ids``: equal weights, delta 0, no gate."""
+        return cls(members=[{"run_id": r, "weight": 1.0 / len(run_ids)} for r in run_ids], delta=[0.0] * N_LEVELS,
+                   tau7=None, **kwargs)
 
     @property
     def weights(self) -> np.ndarray:

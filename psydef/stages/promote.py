@@ -1,5 +1,5 @@
 """The ``promote`` stage: move the alias ``production`` to a version once the version has loaded and
-predicted, and only if its honest (nested) OOF macro-F1 is not below the current champion's; the
+predicted, and only if its estimated OOF macro-F1 on unseen rows is not below the current champion's; the
 champion it replaces gets the alias ``previous``. Every check comes before the registry is changed, so a failure
 leaves ``production`` where it was.
 """
@@ -31,9 +31,9 @@ class PromotionRefused(ValueError):
 
 
 def _gate_metric(version) -> float:
-    value = version.tags.get(tracking.NESTED_F1)
+    value = version.tags.get(tracking.ESTIMATED_F1)
     if value is None:
-        raise ValueError(f"version {version.version} of {version.name!r} has no tag {tracking.NESTED_F1}, which "
+        raise ValueError(f"version {version.version} of {version.name!r} has no tag {tracking.ESTIMATED_F1}, which "
                          "the promote gate compares; register it with `psydef register`, or pass --force")
     return float(value)
 
@@ -41,7 +41,7 @@ def _gate_metric(version) -> float:
 def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME, force: bool = False,
             legacy_stage: bool = False):
     """Point the alias ``production`` at ``version`` (default: the newest) once it has loaded and
-    predicted on the built-in example, and unless its ``oof_macro_f1_nested`` is below the current
+    predicted on the built-in example, and unless its ``oof_macro_f1_estimated`` is below the current
     champion's (``force`` skips that gate). The replaced champion gets the alias ``previous``;
     ``legacy_stage`` also moves the version to the deprecated stage ``Production``. Returns the
     promoted ``ModelVersion``."""
@@ -61,9 +61,9 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
         moves = champion != number
         if moves and champion is not None and not force:
             new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))
-            mlflow.log_metrics({f"challenger_{tracking.NESTED_F1}": new, f"champion_{tracking.NESTED_F1}": old})
+            mlflow.log_metrics({f"challenger_{tracking.ESTIMATED_F1}": new, f"champion_{tracking.ESTIMATED_F1}": old})
             if new < old:
-                raise PromotionRefused(f"version {number} has {tracking.NESTED_F1} {new:.6g}, below {old:.6g} of "
+                raise PromotionRefused(f"version {number} has {tracking.ESTIMATED_F1} {new:.6g}, below {old:.6g} of "
                                        f"production version {champion}: not promoted (pass --force to promote "
                                        "it anyway)")
         if legacy_stage:

@@ -59,7 +59,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
 
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
-    missing = [m for m in (tracking.NESTED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
+    missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
     if missing:
         raise ValueError(f"tune run {tune_run_id} has no metric(s) {missing}: it did not finish; run tune again")
     members = [tracking.get_run(run_id, tracking.TRAIN, what="ensemble member (train run)") for run_id in spec.run_ids]
@@ -69,7 +69,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         tracking.V_DATA_DIGEST: _one({m.data.tags.get(tracking.DATA_DIGEST) for m in members}, "the data digest", spec),
         tracking.V_BACKBONE: ",".join(dict.fromkeys(m.data.tags.get(tracking.BACKBONE, "?") for m in members)),
         # repr: the promote gate compares exactly the numbers tune logged
-        **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.NESTED_F1, tracking.CALIBRATED_F1)},
+        **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         adapter_dirs = [[_download_adapter(fold, member.info.run_id, Path(tmp) / f"member_{i}" / f"fold_{k}")
@@ -83,5 +83,5 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
             info = log_ensemble_model(spec, adapter_dirs)
             version = mlflow.register_model(info.model_uri, name, tags=tags)
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
-          f"({tracking.NESTED_F1} {tags[tracking.NESTED_F1]}); register run {run.info.run_id}")
+          f"({tracking.ESTIMATED_F1} {tags[tracking.ESTIMATED_F1]}); register run {run.info.run_id}")
     return version
