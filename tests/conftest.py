@@ -200,7 +200,7 @@ def _registry_tune_run(spec, *, nested: float) -> str:
 
     with mlflow.start_run(run_name="tune") as run:
         mlflow.set_tag(tracking.STAGE, tracking.TUNE)
-        mlflow.log_metrics({tracking.NESTED_F1: nested, tracking.CALIBRATED_F1: nested + 0.1})
+        mlflow.log_metrics({tracking.ESTIMATED_F1: nested, tracking.CALIBRATED_F1: nested + 0.1})
         if spec is not None:
             tracking.log_json(spec.to_dict(), tracking.ENSEMBLE_JSON)
     return run.info.run_id
