@@ -16,7 +16,7 @@ from psydef.calibration.study import SAMPLERS
 @click.option("--model", default="Qwen/Qwen3-8B", show_default=True, help="HF id or local path (LLM backbone).")
 @click.option("--hyper", default="", help="Backbone hyper-parameters as key=value,key=value.")
 @click.option("--n-trials", default=2000, show_default=True, type=int)
-@click.option("--inner-trials", default=500, show_default=True, type=int, help="Trials per nested-CV fold.")
+@click.option("--inner-trials", default=500, show_default=True, type=int, help="Trials per search inside the gain estimate.")
 @click.option("--sampler", default="tpe", show_default=True, type=click.Choice(SAMPLERS))
 @click.option("--gate", default=True, show_default=True, type=bool, help="Use the level-7 confidence gate.")
 @click.option("--model-name", default=tracking.MODEL_NAME, show_default=True)

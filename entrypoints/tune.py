@@ -20,7 +20,7 @@ from psydef.stages.tune import run_tune
                                             "default: in memory.")
 @click.option("--study-name", default="", help="Default: calibration-<member run id prefixes>.")
 @click.option("--inner-trials", default=500, show_default=True, type=click.IntRange(min=1),
-              help="Trials of each outer fold's search in the nested (honest) estimate.")
+              help="Trials of each search rerun inside the estimate of the calibration's gain.")
 @tracked
 def tune(train_runs, n_trials, sampler, gate, seed, storage, study_name, inner_trials):
     """Search bias vectors, blend weights and the level-7 gate on the members' logged OOF logits."""

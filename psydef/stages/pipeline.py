@@ -20,7 +20,7 @@ def run_main(data_dir: str | Path, *, seeds: tuple[int, ...] = (42, 20260407), b
     """Run the whole chain on ``data_dir`` (train.json + test.json); returns the prediction.
 
     The new version becomes ``production`` unless the champion/challenger gate refuses it (a worse
-    nested OOF estimate than the current champion); the prediction then comes from the champion."""
+    estimated OOF macro-F1 than the current champion's); the prediction then comes from the champion."""
     import mlflow
 
     if not seeds:
