@@ -227,7 +227,7 @@ def test_gain_is_the_mean_of_paired_per_fold_gains():
     logits, y, _ = random_problem(rng, n=300)
     plain = decode(blend(logits, [0.5, 0.5]), np.zeros(9))
     bias = np.array([1.0, 1.5, 1.5, 1.0, 1.0, 1.5, 1.0, 0.0, 2.0])  # a fixed bias against the majority level
-    fixed = lambda *_: (lambda lg: decode(blend(lg, [0.5, 0.5]), bias))  # noqa: E731 - a fit that learns nothing
+    fixed = lambda *_: (lambda lg: decode(blend(lg, [0.5, 0.5]), bias))  # a fit that learns nothing
     est = estimate_gain(fixed, logits, y, n_splits=3, n_repeats=2, seed=1)
     assert est.plain_f1 == sk_macro_f1(y, plain)
     np.testing.assert_array_equal(est.predictions, np.stack([decode(blend(logits, [0.5, 0.5]), bias)] * 2))
@@ -244,7 +244,7 @@ def test_gain_of_the_plain_rule_is_zero_and_of_a_harmful_rule_negative():
     rng = np.random.default_rng(3)
     logits, y, _ = random_problem(rng, n=300)
     assert estimate_gain(lambda *_: plain_decode, logits, y, n_splits=2).gain == 0.0
-    always_8 = lambda *_: (lambda lg: np.full(len(lg[0]), 8))  # noqa: E731
+    always_8 = lambda *_: (lambda lg: np.full(len(lg[0]), 8))
     assert estimate_gain(always_8, logits, y, n_splits=2).gain < 0
 
 
