@@ -17,8 +17,8 @@ record-level halvings of real OOF logits, search and estimate on one half, score
   (0.018-0.021), while the paired per-fold gain was within 0.002. The pairing also cancels most of the
   small-sample bias of macro-F1 on a fifth of the rows (level 8 has a handful there).
 * Record-level folds, like the halvings and like the official test split, which shares its dialogues
-  with train. Dialogue-grouped folds gave the same mean error on these logits (+0.0012 against +0.0011):
-  the grouping was not what misled the former estimate, the pooling was.
+  with train. Dialogue-grouped folds gave the same mean error on these logits with the paired gain
+  (+0.0012 against +0.0011); the pooling, not the grouping, is what the measurement found biased.
 * Repeated with fresh splits (and fresh search seeds) and averaged, for a lower variance.
 """
 from __future__ import annotations
