@@ -7,7 +7,7 @@ from sklearn.metrics import f1_score
 
 from psydef.calibration.estimate import estimate_gain
 from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, decode, plain_decode, simplex_weights, softmax
-from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1, score_candidates
+from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1
 from psydef.core.labels import LABEL_NAMES
 
 OFFICIAL = list(range(1, 9))
@@ -145,7 +145,7 @@ def test_score_candidates_equals_sklearn_exactly():
     deltas = rng.uniform(-3, 3, size=(300, 9))
     tau7s = rng.uniform(0.3, 0.99, size=300)
     for t in (None, tau7s):
-        scores = score_candidates(probs, y, deltas, t)
+        scores = CandidateScorer([probs], y).score(np.ones((len(deltas), 1)), deltas, t)
         expected = [sk_macro_f1(y, decode(probs, d, None if t is None else t[i])) for i, d in enumerate(deltas)]
         assert scores.tolist() == expected
 

@@ -84,10 +84,6 @@ class CandidateScorer:
     def n_members(self) -> int:
         return self.member_probs.shape[0]
 
-    @property
-    def n_rows(self) -> int:
-        return self.member_probs.shape[1]
-
     def _validate(self, weights, deltas, tau7s):
         w = np.atleast_2d(_check_weights(weights, self.n_members))
         d = _check_deltas(deltas, w.shape[0])
@@ -111,12 +107,3 @@ class CandidateScorer:
 
     def _predict_chunk(self, w, d, t, s: slice) -> np.ndarray:
         return _decide(_blend(self.member_probs, w[s]), d[s], None if t is None else t[s])
-
-
-def score_candidates(probs, y_true, deltas, tau7s=None, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES) -> np.ndarray:
-    """(k,) official macro-F1 of k (delta, tau7) candidates on one (n, 9) probability matrix."""
-    d = _check_deltas(deltas)
-    scorer = CandidateScorer([probs], y_true, max_chunk_bytes=max_chunk_bytes)
-    return scorer.score(np.ones((d.shape[0], 1)), d, tau7s)
-
-
