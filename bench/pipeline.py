@@ -63,7 +63,7 @@ def main():
             print(f"  train seed {run.data.tags[tracking.SEED]}: OOF macro-F1 (1..8) {metrics['oof_macro_f1']:.4f}")
         if stage == tracking.TUNE:
             print(f"  tune: OOF macro-F1 (1..8) raw blend {metrics['oof_macro_f1_raw']:.4f}, calibrated in-sample "
-                  f"{metrics['oof_macro_f1_calibrated']:.4f}, nested (honest) {metrics['oof_macro_f1_nested']:.4f}")
+                  f"{metrics['oof_macro_f1_calibrated']:.4f}, estimated on unseen rows {metrics['oof_macro_f1_estimated']:.4f}")
 
 
 if __name__ == "__main__":

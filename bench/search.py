@@ -19,7 +19,6 @@ written back) against Optuna's own storages with batched ask/tell: why the mirro
 from __future__ import annotations
 
 import argparse
-import os
 import tempfile
 import time
 

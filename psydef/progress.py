@@ -27,8 +27,8 @@ def plan_main(*, seeds: int, n_splits: int, backbone: str, n_trials: int, inner_
     """The work of ``main``, printed before it starts; the time estimate follows from the first fold."""
     _Plan.total_folds, _Plan.started = seeds * n_splits, []
     banner(f"main: prepare, then train {seeds} seed(s) x {n_splits} folds ({backbone}), tune ({n_trials:,} trials "
-           f"+ a nested estimate of {n_splits} x {inner_trials:,}), register, promote, predict. Training takes "
-           "most of the time; once the first fold is done each fold's banner estimates the rest")
+           f"+ a gain estimate rerunning the search with {inner_trials:,} trials per split), register, promote, "
+           "predict. Training takes most of the time; once the first fold is done each fold's banner estimates the rest")
 
 
 def fold_banner(seed: int, fold: int, n_splits: int) -> None:

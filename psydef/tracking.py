@@ -76,9 +76,19 @@ def registered_model_uri(name: str, *, version: str | int | None = None, alias: 
 PRODUCTION_URI = registered_model_uri(MODEL_NAME, alias=PRODUCTION)
 LEGACY_STAGE = "Production"
 
-# Tune metrics, also copied to model version tags; the promote gate compares NESTED_F1
-NESTED_F1, CALIBRATED_F1 = "oof_macro_f1_nested", "oof_macro_f1_calibrated"
-GATE_METRIC = NESTED_F1  # what the promote gate compares: rename in one line
+# Tune metrics. RAW_F1: the plain blend (equal weights, delta 0, no gate) on the OOF rows; CALIBRATED_F1: the
+# searched rule on the rows it was searched on (optimistic); CALIBRATED_ESTIMATED_F1 and ESTIMATED_GAIN (with the
+# spread of its folds): the searched rule's macro-F1 and gain over the plain blend on rows its search never saw
+# (psydef.calibration.estimate); ESTIMATED_F1: that estimate for the rule tune chose. Register copies
+# ESTIMATED_F1 and CALIBRATED_F1 to the version's tags; the promote gate compares GATE_METRIC.
+RAW_F1, CALIBRATED_F1 = "oof_macro_f1_raw", "oof_macro_f1_calibrated"
+CALIBRATED_ESTIMATED_F1 = "oof_macro_f1_calibrated_estimated"
+ESTIMATED_GAIN, ESTIMATED_GAIN_STD = "calibration_gain_estimated", "calibration_gain_estimated_fold_std"
+ESTIMATED_F1 = "oof_macro_f1_estimated"
+OOF_LEVEL_F1 = "oof_f1_level_{}"  # per level, of the chosen rule on the OOF rows
+# Tag of a tune run: which rule it chose (the calibrated one only when ESTIMATED_GAIN > 0)
+CALIBRATION, CALIBRATED, PLAIN = "psydef.calibration", "calibrated", "plain"
+GATE_METRIC = ESTIMATED_F1  # what the promote gate compares: rename in one line
 # Model version tags (lineage)
 V_TUNE_RUN_ID, V_TRAIN_RUN_IDS, V_DATA_DIGEST, V_BACKBONE = "tune_run_id", "train_run_ids", "data_digest", "backbone"
 

@@ -5,8 +5,8 @@ import pytest
 from scipy.special import softmax as scipy_softmax
 from sklearn.metrics import f1_score
 
-from psydef.calibration.estimate import nested_cv_estimate
-from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, simplex_weights, softmax
+from psydef.calibration.estimate import estimate_gain
+from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, plain_decode, simplex_weights, softmax
 from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1
 from psydef.core.labels import LABEL_NAMES
 
@@ -192,48 +192,93 @@ def test_scorer_validates_candidates():
         CandidateScorer.from_logits(logits, y[:10])
 
 
-# --- the honest estimate -------------------------------------------------------------------------
+# --- the gain estimate ---------------------------------------------------------------------------
 
 
-def test_nested_estimate_never_fits_and_scores_the_same_dialogue():
-    """A calibration that memorises its training rows scores 0 if, and only if, no scored row was
-    seen in the fit: each row's logits carry its row number, the fit remembers labels by row number."""
+def row_number_logits(n):
+    """Logits whose column 0 carries the row number: the plain blend predicts level 0 (not scored) everywhere."""
+    logits = np.zeros((n, 9))
+    logits[:, 0] = np.arange(n)
+    return logits
+
+
+def test_gain_estimate_never_fits_and_scores_the_same_row():
+    """A rule that memorises its training rows gains nothing if, and only if, no scored row was seen in
+    its fit: each row's logits carry its row number, the fit remembers labels by row number."""
     rng = np.random.default_rng(7)
     n = 240
     y = rng.integers(1, 9, size=n)  # no level 0: a leaked row would score
-    groups = np.repeat(np.arange(40), 6)
-    logits = np.zeros((n, 9))
-    logits[:, 0] = np.arange(n)
-    seen_groups = []
+    logits = row_number_logits(n)
+    seen = []
 
-    def fit(fit_logits, fit_y, fit_groups, fold):
-        seen_groups.append(set(fit_groups.tolist()))
+    def fit(fit_logits, fit_y, split):
+        seen.append((split, set(fit_logits[0][:, 0].astype(int).tolist())))
         memory = dict(zip(fit_logits[0][:, 0].astype(int).tolist(), fit_y.tolist()))
         return lambda lg: np.array([memory.get(int(r), 0) for r in lg[0][:, 0]])
 
-    est = nested_cv_estimate(fit, [logits], y, groups, n_splits=5, seed=0)
-    assert est.pooled_f1 == 0.0 and est.fold_f1 == (0.0,) * 5
-    assert len(seen_groups) == 5 and (est.fold_of_row >= 0).all()
-    for fold, fit_groups in enumerate(seen_groups):
-        scored_groups = set(groups[est.fold_of_row == fold].tolist())
-        assert scored_groups and not scored_groups & fit_groups
-        assert scored_groups | fit_groups == set(groups.tolist())
+    est = estimate_gain(fit, [logits], y, n_splits=5, n_repeats=3, seed=0)
+    assert est.plain_f1 == 0.0 and est.gain == 0.0 and est.fold_gain.shape == (3, 5)
+    assert (est.predictions == 0).all()
+    assert [split for split, _ in seen] == list(range(15))
+    for split, fit_rows in seen:
+        held = set(np.flatnonzero(est.fold_of_row[split // 5] == split % 5).tolist())
+        assert held and not held & fit_rows and held | fit_rows == set(range(n))
+    assert not np.array_equal(est.fold_of_row[0], est.fold_of_row[1])  # each repeat shuffles afresh
 
     # The same memoriser fitted on everything would score perfectly: the zero above is the split's doing.
-    assert macro_f1(y, fit([logits], y, groups, 0)([logits])) == 1.0
+    assert macro_f1(y, fit([logits], y, 0)([logits])) == 1.0
 
 
-def test_nested_estimate_pools_held_out_predictions():
+def test_gain_is_the_mean_of_paired_per_fold_gains():
     rng = np.random.default_rng(8)
+    logits, y, _ = random_problem(rng, n=300)
+    plain = decode(blend(logits, [0.5, 0.5]), np.zeros(9))
+    bias = np.array([1.0, 1.5, 1.5, 1.0, 1.0, 1.5, 1.0, 0.0, 2.0])  # a fixed bias against the majority level
+    fixed = lambda *_: (lambda lg: decode(blend(lg, [0.5, 0.5]), bias))  # a fit that learns nothing
+    est = estimate_gain(fixed, logits, y, n_splits=3, n_repeats=2, seed=1)
+    assert est.plain_f1 == sk_macro_f1(y, plain)
+    np.testing.assert_array_equal(est.predictions, np.stack([decode(blend(logits, [0.5, 0.5]), bias)] * 2))
+    expected = [[sk_macro_f1(y[est.fold_of_row[r] == k], est.predictions[r][est.fold_of_row[r] == k])
+                 - sk_macro_f1(y[est.fold_of_row[r] == k], plain[est.fold_of_row[r] == k]) for k in range(3)]
+                for r in range(2)]
+    np.testing.assert_allclose(est.fold_gain, expected, rtol=0, atol=1e-15)
+    assert est.gain == pytest.approx(np.mean(expected)) and est.gain > 0
+    assert est.calibrated_f1 == pytest.approx(est.plain_f1 + est.gain)
+    assert est.gain_fold_std == pytest.approx(np.std(expected))
+
+
+def test_gain_of_the_plain_rule_is_zero_and_of_a_harmful_rule_negative():
+    rng = np.random.default_rng(3)
+    logits, y, _ = random_problem(rng, n=300)
+    assert estimate_gain(lambda *_: plain_decode, logits, y, n_splits=2).gain == 0.0
+    always_8 = lambda *_: (lambda lg: np.full(len(lg[0]), 8))
+    assert estimate_gain(always_8, logits, y, n_splits=2).gain < 0
+
+
+def test_gain_estimate_with_groups_keeps_each_group_in_one_fold_and_checks_its_input():
+    rng = np.random.default_rng(4)
     logits, y, groups = random_problem(rng, n=300)
-    argmax = lambda *_: (lambda lg: np.argmax(lg[0] + lg[1], axis=1))  # noqa: E731 - a fit that learns nothing
-    est = nested_cv_estimate(argmax, logits, y, groups, n_splits=3, seed=1)
-    np.testing.assert_array_equal(est.predictions, np.argmax(logits[0] + logits[1], axis=1))
-    assert est.pooled_f1 == sk_macro_f1(y, est.predictions)
-    assert est.mean_fold_f1 == pytest.approx(np.mean(
-        [sk_macro_f1(y[est.fold_of_row == f], est.predictions[est.fold_of_row == f]) for f in range(3)]))
-    with pytest.raises(ValueError, match="number of dialogues"):
-        nested_cv_estimate(argmax, logits, y, np.zeros(300), n_splits=3)
+    est = estimate_gain(lambda *_: plain_decode, logits, y, n_splits=3, n_repeats=2, groups=groups)
+    for r in range(2):
+        assert all(len(set(est.fold_of_row[r][groups == g])) == 1 for g in np.unique(groups))
+    with pytest.raises(ValueError, match="number of groups"):
+        estimate_gain(lambda *_: plain_decode, logits, y, n_splits=3, groups=np.zeros(300))
+    with pytest.raises(ValueError, match="at most the number of rows"):
+        estimate_gain(lambda *_: plain_decode, [x[:1] for x in logits], y[:1], n_splits=2)
+    with pytest.raises(ValueError, match=">= 2"):
+        estimate_gain(lambda *_: plain_decode, logits, y, n_splits=1)
+    with pytest.raises(ValueError, match="n_repeats"):
+        estimate_gain(lambda *_: plain_decode, logits, y, n_repeats=0)
+
+
+def test_plain_rule_is_the_equal_weight_argmax():
+    rng = np.random.default_rng(5)
+    logits, _, _ = random_problem(rng, n=200, n_members=3)
+    expected = np.argmax(sum(softmax(x) for x in logits), axis=1)
+    np.testing.assert_array_equal(plain_decode(logits), expected)
+    spec = EnsembleSpec.plain(["a", "b", "c"], data_digest="d")
+    assert spec.tau7 is None and spec.delta == [0.0] * 9 and spec.data_digest == "d"
+    np.testing.assert_array_equal(spec.decode_logits(logits), expected)
 
 
 # --- the spec file -------------------------------------------------------------------------------

@@ -5,7 +5,6 @@ The store is the registered tiny ensemble of tests/fixtures/stores.py; more vers
 gate scores. The server (tests/fixtures/server.py) serves that SQLite store; the model artifacts are local
 files, read by the promote processes directly."""
 import itertools
-import os
 import subprocess
 import sys
 

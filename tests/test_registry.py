@@ -61,7 +61,7 @@ def test_register_tags_lineage_and_metrics(store, champion):
     assert tags[tracking.V_TRAIN_RUN_IDS] == ",".join(store.members)
     assert tags[tracking.V_DATA_DIGEST] == "digest0"
     assert tags[tracking.V_BACKBONE] == "minilm"
-    assert float(tags[tracking.NESTED_F1]) == 0.4 and float(tags[tracking.CALIBRATED_F1]) == pytest.approx(0.5)
+    assert float(tags[tracking.ESTIMATED_F1]) == 0.4 and float(tags[tracking.CALIBRATED_F1]) == pytest.approx(0.5)
     run = mlflow.get_run(champion.run_id)
     assert run.data.tags[tracking.STAGE] == tracking.REGISTER
 
@@ -84,7 +84,7 @@ def test_production_alias_predicts_like_direct_decoding(store, champion):
 def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     client = MlflowClient()
     worse = register_stage.register(store.tune.worse)
-    with pytest.raises(ValueError, match=r"oof_macro_f1_nested 0\.3, below 0\.4 of production version"):
+    with pytest.raises(ValueError, match=r"oof_macro_f1_estimated 0\.3, below 0\.4 of production version"):
         promote_stage.promote(worse.version)
     assert _production() == champion.version
     promote_stage.promote(worse.version, force=True)

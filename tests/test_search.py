@@ -5,19 +5,12 @@ import optuna
 import pytest
 from optuna.trial import TrialState
 
-from psydef.calibration.rule import EnsembleSpec
+from psydef.calibration.rule import EnsembleSpec, plain_decode
 from psydef.calibration.score import CandidateScorer, macro_f1
 from psydef.calibration.study import SearchSpace, align_members, calibrate_oof, load_study, run_study
+from tests.fixtures.fake_runs import oof_problem as problem
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
-
-
-def problem(seed=0, n=300, n_members=2, n_groups=30):
-    rng = np.random.default_rng(seed)
-    prior = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100
-    y = rng.choice(9, size=n, p=prior)
-    logits = [1.5 * np.eye(9)[y] + np.log(prior) + rng.normal(size=(n, 9)) for _ in range(n_members)]
-    return logits, y, rng.integers(0, n_groups, size=n)
 
 
 def scorer(seed=0, **kwargs):
@@ -175,22 +168,29 @@ def test_plots_are_written(tmp_path):
         assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
 
 
-def test_calibrate_oof_reports_every_estimate(tmp_path):
-    logits, y, groups = problem(2, n=400, n_groups=40)
-    report = calibrate_oof(logits, y, groups, run_ids=["r1", "r2"], data_digest="d", sampler="random", n_trials=200,
-                           inner_n_trials=50, n_splits=3, show_progress=False)
-    plain = CandidateScorer.from_logits(logits, y).predict([[0.5, 0.5]], np.zeros((1, 9)))[0]  # equal weights, argmax
-    assert report.oof_macro_f1_raw == macro_f1(y, plain)
-    assert report.oof_macro_f1_calibrated == report.search.best_value > report.oof_macro_f1_raw
-    # The nested estimate is the macro-F1 of the held-out predictions, pooled over the 3 outer folds
-    assert report.oof_macro_f1_nested == macro_f1(y, report.nested.predictions)
-    assert len(report.nested.fold_f1) == 3 and set(report.nested.fold_of_row.tolist()) == {0, 1, 2}
+def test_calibrate_oof_keeps_the_calibrated_rule_when_its_estimated_gain_is_positive(tmp_path):
+    logits, y, _ = problem(2, n=400)  # the plain argmax over-predicts the majority level 7: a bias pays
+    report = calibrate_oof(logits, y, run_ids=["r1", "r2"], data_digest="d", sampler="random", n_trials=200,
+                           inner_n_trials=50, n_splits=3, n_repeats=2, show_progress=False)
+    plain = plain_decode(logits)
+    assert report.raw_f1 == report.estimate.plain_f1 == macro_f1(y, plain)
+    assert report.calibrated_in_sample_f1 == report.search.best_value > report.raw_f1
+    assert report.estimate.fold_gain.shape == (2, 3) and report.estimate.gain > 0
+    assert report.calibrated and report.estimated_f1 == report.estimate.calibrated_f1
+    assert "is positive: the calibrated rule is kept" in report.reason
     spec = EnsembleSpec.from_json(report.spec.to_json(tmp_path / "ensemble.json"))
-    pred = spec.decode_logits(logits)
-    assert macro_f1(y, pred) == report.oof_macro_f1_calibrated
-    assert spec.run_ids == ["r1", "r2"] and spec.data_digest == "d"
-    assert spec.metrics["oof_macro_f1_nested"] == report.oof_macro_f1_nested
-    assert np.mean([report.per_class_f1[c] for c in range(1, 9)]) == pytest.approx(report.oof_macro_f1_calibrated)
-    assert set(report.metrics()) >= {"oof_macro_f1_raw", "oof_macro_f1_calibrated", "oof_macro_f1_nested",
-                                     "oof_f1_level_8"}
+    assert macro_f1(y, spec.decode_logits(logits)) == report.calibrated_in_sample_f1
+    assert spec.run_ids == ["r1", "r2"] and spec.data_digest == "d" and spec.tau7 is not None
+    assert np.mean([report.per_class_f1[c] for c in range(1, 9)]) == pytest.approx(report.calibrated_in_sample_f1)
     assert len(report.trials_dataframe()) == 200
+
+
+def test_calibrate_oof_keeps_the_plain_blend_when_calibration_cannot_gain():
+    _, y, _ = problem(3, n=300)
+    logits = [8.0 * np.eye(9)[y], 6.0 * np.eye(9)[y]]  # the plain blend is already perfect
+    report = calibrate_oof(logits, y, run_ids=["r1", "r2"], sampler="random", n_trials=100, inner_n_trials=30,
+                           n_splits=3, n_repeats=1, show_progress=False)
+    assert report.raw_f1 == 1.0 and report.estimate.gain <= 0 and not report.calibrated
+    assert "not positive: the plain blend" in report.reason
+    assert report.spec == EnsembleSpec.plain(["r1", "r2"]) and report.estimated_f1 == report.raw_f1 == 1.0
+    assert all(report.per_class_f1[c] == 1.0 for c in range(1, 9))

@@ -102,9 +102,9 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
 def _tune_share(storage, seed, sampler, barrier, queue):
     from psydef.calibration.score import CandidateScorer
     from psydef.calibration.study import run_study
-    from tests.test_search import problem
+    from tests.fixtures.fake_runs import oof_problem
 
-    logits, y, _ = problem(n=200)
+    logits, y, _ = oof_problem(n=200)
     barrier.wait()
     result = run_study(CandidateScorer.from_logits(logits, y), n_trials=N_SHARED_TRIALS, sampler=sampler, seed=seed,
                        storage=storage, study_name="shared", batch_size=3, show_progress=False)

@@ -52,10 +52,16 @@ def store(tmp_path, monkeypatch, empty_db):
 
 
 def decoded_f1(tune_run_id):
-    """The calibrated OOF macro-F1 from ensemble.json alone (plus the members' logged OOF logits)."""
+    """The chosen rule's OOF macro-F1 from ensemble.json alone (plus the members' logged OOF logits)."""
     spec = EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_run_id, tracking.ENSEMBLE_JSON)))
     oof = load_oof(spec.run_ids)
     return macro_f1(oof.y, spec.decode_logits(oof.logits))
+
+
+def chosen_f1(run):
+    """The logged in-sample OOF macro-F1 of the rule the tune run chose."""
+    calibrated = run.data.tags[tracking.CALIBRATION] == tracking.CALIBRATED
+    return run.data.metrics[tracking.CALIBRATED_F1 if calibrated else tracking.RAW_F1]
 
 
 def test_auto_pick_takes_the_latest_finished_run_of_each_seed_sharing_digest_and_backbone(store, capsys):
@@ -85,27 +91,50 @@ def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibra
     assert run.data.tags[tracking.MEMBER_RUN_IDS] == ",".join(reversed(members))  # newest first
     assert (run.data.tags[tracking.DATA_DIGEST], run.data.tags[tracking.BACKBONE]) == ("digest-a", "minilm")
     assert run.data.params["n_trials"] == "48" and run.data.params["sampler"] == "tpe"
+    assert (run.data.params["estimate_repeats"], run.data.params["estimate_splits"]) == ("2", "5")
     metrics = run.data.metrics
-    assert {"oof_macro_f1_raw", "oof_macro_f1_calibrated", "oof_macro_f1_nested", "oof_macro_f1_nested_fold_mean",
-            *(f"oof_f1_level_{c}" for c in range(9))} <= set(metrics)
-    assert metrics["oof_macro_f1_calibrated"] >= metrics["oof_macro_f1_raw"]
-    assert metrics["oof_macro_f1_calibrated"] == pytest.approx(np.mean([metrics[f"oof_f1_level_{c}"]
-                                                                         for c in range(1, 9)]))
+    assert {tracking.RAW_F1, tracking.CALIBRATED_F1, tracking.CALIBRATED_ESTIMATED_F1, tracking.ESTIMATED_GAIN,
+            tracking.ESTIMATED_GAIN_STD, tracking.ESTIMATED_F1, *(f"oof_f1_level_{c}" for c in range(9))} <= set(metrics)
+    assert metrics[tracking.CALIBRATED_F1] > metrics[tracking.RAW_F1]
+    # The majority bias of these members is worth correcting: the calibrated rule is chosen.
+    assert metrics[tracking.ESTIMATED_GAIN] > 0 and run.data.tags[tracking.CALIBRATION] == tracking.CALIBRATED
+    assert metrics[tracking.ESTIMATED_F1] == metrics[tracking.CALIBRATED_ESTIMATED_F1] == pytest.approx(
+        metrics[tracking.RAW_F1] + metrics[tracking.ESTIMATED_GAIN])
+    assert metrics[tracking.CALIBRATED_F1] == pytest.approx(np.mean([metrics[f"oof_f1_level_{c}"]
+                                                                      for c in range(1, 9)]))
+    note = run.data.tags[tracking.NOTE]
+    assert "Chosen rule: calibrated" in note and f"{metrics[tracking.ESTIMATED_GAIN]:+.4f}" in note
 
     raw = mlflow.artifacts.load_dict(tracking.artifact_uri(tune_id, tracking.ENSEMBLE_JSON))
     assert [m["backbone"] for m in raw["members"]] == ["minilm", "minilm"]
     assert raw["data_digest"] == "digest-a" and raw["tau7"] is not None
-    assert decoded_f1(tune_id) == metrics["oof_macro_f1_calibrated"]  # exactly
+    assert raw["metrics"] == metrics
+    assert decoded_f1(tune_id) == metrics[tracking.CALIBRATED_F1]  # exactly
 
     with tempfile.TemporaryDirectory() as tmp:
         trials = pd.read_csv(mlflow.artifacts.download_artifacts(run_id=tune_id, artifact_path=tracking.TRIALS_CSV,
                                                                  dst_path=tmp))
-    assert len(trials) == 48 and trials["value"].max() == metrics["oof_macro_f1_calibrated"]
+    assert len(trials) == 48 and trials["value"].max() == metrics[tracking.CALIBRATED_F1]
     plots = {f.path for f in MlflowClient().list_artifacts(tune_id, "plots")}
     assert plots == {tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT, tracking.CONFUSION_PLOT}
 
     out = capsys.readouterr().out
-    assert f"tune run {tune_id}" in out and "raw" in out and "nested" in out
+    assert f"tune run {tune_id}" in out and "is positive: the calibrated rule is kept" in out
+
+
+def test_tune_keeps_the_plain_blend_when_calibration_is_not_estimated_to_gain(store):
+    prep = store.prepare()
+    members = [store.train(prep, 1, signal=10.0), store.train(prep, 2, signal=10.0)]  # perfect already
+    tune_id = run_tune(members, **FAST)
+    run = mlflow.get_run(tune_id)
+    metrics = run.data.metrics
+    assert metrics[tracking.RAW_F1] == 1.0 and metrics[tracking.ESTIMATED_GAIN] <= 0
+    assert run.data.tags[tracking.CALIBRATION] == tracking.PLAIN
+    assert metrics[tracking.ESTIMATED_F1] == metrics[tracking.RAW_F1]
+    assert "Chosen rule: plain" in run.data.tags[tracking.NOTE]
+    spec = EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_id, tracking.ENSEMBLE_JSON)))
+    assert spec == EnsembleSpec.plain(members, data_digest="digest-a", metrics=metrics)
+    assert decoded_f1(tune_id) == metrics[tracking.RAW_F1]
 
 
 def test_refuses_bad_members_with_a_clear_message_and_leaves_no_tune_run(store):
@@ -146,7 +175,7 @@ def test_a_stored_study_is_resumed_up_to_n_trials(store, kind):
     assert len(study.trials) == 40
     assert mlflow.get_run(second).data.metrics[tracking.CALIBRATED_F1] == study.best_value
     assert study.best_value >= mlflow.get_run(first).data.metrics[tracking.CALIBRATED_F1]
-    assert decoded_f1(second) == study.best_value
+    assert decoded_f1(second) == chosen_f1(mlflow.get_run(second))
 
 
 def test_two_tune_processes_share_one_study(store):
@@ -166,4 +195,4 @@ def test_two_tune_processes_share_one_study(store):
     study = load_study(storage, runs[0].data.tags[tracking.STUDY_NAME])
     assert len(study.trials) == 64 and all(t.state.name == "COMPLETE" for t in study.trials)
     for run in runs:
-        assert decoded_f1(run.info.run_id) == run.data.metrics[tracking.CALIBRATED_F1]
+        assert decoded_f1(run.info.run_id) == chosen_f1(run)

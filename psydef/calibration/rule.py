@@ -189,6 +189,13 @@ def _check_member_probs(member_probs: Sequence) -> np.ndarray:
                                for i, p in enumerate(member_probs[1:], start=1)])
 
 
+def plain_decode(logits_by_member: Sequence) -> np.ndarray:
+    """Labels (n,) of the plain blend: equal weights, delta 0, no gate (what :meth:`EnsembleSpec.plain` decodes)."""
+    member_probs = _member_probs(logits_by_member)
+    m = member_probs.shape[0]
+    return _decide(_blend(member_probs, np.full((1, m), 1.0 / m)), np.zeros((1, N_LEVELS)), None)[0]
+
+
 
 # ---------------------------------------------------------------------------------------------
 # The calibrated ensemble, as a file
@@ -226,6 +233,12 @@ class EnsembleSpec:
         if self.rule != DECODE_RULE:
             raise ValueError(f"This spec was written for decode rule {self.rule!r}; this code decodes {DECODE_RULE!r}.")
         self.metrics = {str(k): float(v) for k, v in self.metrics.items()}
+
+    @classmethod
+    def plain(cls, run_ids: Sequence[str], **kwargs) -> "EnsembleSpec":
+        """The plain blend of ``run_ids``: equal weights, delta 0, no gate."""
+        return cls(members=[{"run_id": r, "weight": 1.0 / len(run_ids)} for r in run_ids], delta=[0.0] * N_LEVELS,
+                   tau7=None, **kwargs)
 
     @property
     def weights(self) -> np.ndarray:

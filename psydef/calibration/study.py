@@ -48,7 +48,7 @@ from optuna.trial import TrialState
 from tqdm.auto import tqdm
 
 from psydef.calibration import SAMPLERS
-from psydef.calibration.estimate import NestedEstimate, nested_cv_estimate
+from psydef.calibration.estimate import GainEstimate, estimate_gain
 from psydef.calibration.rule import EnsembleSpec, simplex_weights
 from psydef.calibration.score import CandidateScorer, per_class_f1
 from psydef.core.labels import HIGH_ADAPTIVE, N_LEVELS
@@ -403,58 +403,70 @@ def align_members(members: Sequence[tuple[str, Sequence, np.ndarray | None]]) ->
 
 @dataclass
 class CalibrationReport:
-    oof_macro_f1_raw: float  # equal-weight blend, plain argmax
-    oof_macro_f1_calibrated: float  # the study's best: in-sample, optimistic
-    oof_macro_f1_nested: float  # pooled over outer folds, each calibrated without its dialogues
-    nested: NestedEstimate
-    per_class_f1: dict[int, float]  # every level's OOF F1 under the calibrated rule
-    spec: EnsembleSpec
+    """The search on all OOF rows, the estimate of what it gains on unseen rows, and the rule chosen:
+    the calibrated one only when its estimated gain over the plain blend is positive."""
+
+    raw_f1: float  # the plain blend (equal weights, plain argmax) on all OOF rows: fits nothing, so honest
+    calibrated_in_sample_f1: float  # the study's best on the rows it was searched on: optimistic
+    estimate: GainEstimate  # the calibration's gain on rows its search never saw
+    calibrated: bool  # the choice: the calibrated rule (True) or the plain blend (False)
+    spec: EnsembleSpec  # the chosen rule
+    per_class_f1: dict[int, float]  # every level's OOF F1 under the chosen rule (in-sample when calibrated)
     search: SearchResult
+
+    @property
+    def estimated_f1(self) -> float:
+        """Estimated macro-F1 of the chosen rule on unseen rows (what versions are compared by)."""
+        return self.estimate.calibrated_f1 if self.calibrated else self.raw_f1
+
+    @property
+    def reason(self) -> str:
+        e = self.estimate
+        verdict = ("positive: the calibrated rule is kept" if self.calibrated
+                   else "not positive: the plain blend (equal weights, delta 0, no gate) is kept")
+        return (f"estimated gain of the calibration over the plain blend on unseen rows {e.gain:+.4f} (mean of "
+                f"{e.fold_gain.size} held-out folds, spread {e.gain_fold_std:.4f}; estimated calibrated "
+                f"{e.calibrated_f1:.4f} vs plain {e.plain_f1:.4f}, in-sample calibrated "
+                f"{self.calibrated_in_sample_f1:.4f}) is {verdict}")
 
     def trials_dataframe(self):
         return self.search.trials_dataframe()
 
-    def metrics(self) -> dict[str, float]:
-        out = {"oof_macro_f1_raw": self.oof_macro_f1_raw,
-               "oof_macro_f1_calibrated": self.oof_macro_f1_calibrated,
-               "oof_macro_f1_nested": self.oof_macro_f1_nested,
-               "oof_macro_f1_nested_fold_mean": self.nested.mean_fold_f1}
-        out.update({f"oof_f1_level_{c}": f for c, f in self.per_class_f1.items()})
-        return out
 
-
-def calibrate_oof(logits_by_member: Sequence, y_true, groups, *, run_ids: Sequence[str] | None = None,
-                  data_digest: str = "", sampler: str = "tpe", n_trials: int = 2200, inner_n_trials: int = 500,
-                  gate: bool = True, delta_bound: float = 3.0, n_splits: int = 5, seed: int = 0, storage=None,
-                  study_name: str = "calibration", show_progress: bool = True) -> CalibrationReport:
+def calibrate_oof(logits_by_member: Sequence, y_true, *, run_ids: Sequence[str] | None = None,
+                  data_digest: str = "", sampler: str = "tpe", n_trials: int = 2000, inner_n_trials: int = 500,
+                  gate: bool = True, delta_bound: float = 3.0, n_splits: int = 5, n_repeats: int = 2, seed: int = 0,
+                  groups=None, storage=None, study_name: str = "calibration",
+                  show_progress: bool = True) -> CalibrationReport:
     """Calibrate the ensemble of ``logits_by_member`` (aligned OOF logits, see :func:`align_members`)
-    on all OOF rows, and estimate honestly what that calibration is worth: the same search, with
-    ``inner_n_trials`` trials, is rerun inside each of ``n_splits`` dialogue-grouped outer folds
-    and scored on the held-out dialogues."""
+    on all OOF rows; estimate what that gains over the plain blend on unseen rows by rerunning the
+    search (``inner_n_trials`` trials) in ``n_repeats`` x ``n_splits`` record-level folds
+    (:func:`psydef.calibration.estimate.estimate_gain`); keep the calibrated rule only when that gain
+    is positive, the plain blend otherwise. ``groups`` (dialogue ids) makes those folds grouped: only to
+    measure what grouping does (``bench/calibration_estimate.py``)."""
     scorer = CandidateScorer.from_logits(logits_by_member, y_true)
     m = scorer.n_members
     run_ids = list(run_ids) if run_ids is not None else [f"member_{i}" for i in range(m)]
-    raw = float(scorer.score(np.full((1, m), 1.0 / m), np.zeros((1, N_LEVELS)))[0])
     options = dict(sampler=sampler, gate=gate, delta_bound=delta_bound)
     search = run_study(scorer, n_trials=n_trials, seed=seed, storage=storage, study_name=study_name,
                        show_progress=show_progress, **options)
 
-    def fit(fit_logits, fit_y, _groups, fold):
+    def fit(fit_logits, fit_y, split):
         inner = run_study(CandidateScorer.from_logits(fit_logits, fit_y), n_trials=inner_n_trials,
-                          seed=seed + 1 + fold, show_progress=False, **options)
+                          seed=seed + 1 + split, show_progress=False, **options)
         return inner.spec(run_ids).decode_logits
 
-    nested = nested_cv_estimate(fit, logits_by_member, y_true, groups, n_splits=n_splits, seed=seed)
-    weights, delta, tau7 = search.best_candidate()
-    pred = scorer.predict(weights[None], delta[None], None if tau7 is None else [tau7])[0]
-    metrics = {"oof_macro_f1_raw": raw, "oof_macro_f1_calibrated": search.best_value,
-               "oof_macro_f1_nested": nested.pooled_f1}
+    estimate = estimate_gain(fit, logits_by_member, y_true, n_splits=n_splits, n_repeats=n_repeats, seed=seed,
+                             groups=groups)
+    calibrated = estimate.gain > 0
+    spec = search.spec(run_ids, data_digest) if calibrated else EnsembleSpec.plain(run_ids, data_digest=data_digest)
+    pred = spec.decode_logits(logits_by_member)
     return CalibrationReport(
-        oof_macro_f1_raw=raw,
-        oof_macro_f1_calibrated=search.best_value,
-        oof_macro_f1_nested=nested.pooled_f1,
-        nested=nested,
+        raw_f1=estimate.plain_f1,
+        calibrated_in_sample_f1=search.best_value,
+        estimate=estimate,
+        calibrated=calibrated,
+        spec=spec,
         per_class_f1=dict(enumerate(per_class_f1(scorer.y_true, pred).tolist())),
-        spec=search.spec(run_ids, data_digest, metrics),
         search=search,
     )

@@ -288,7 +288,8 @@ class TuneConfig(Settings):
     storage: str | None = setting(None, "Optuna storage: sqlite:///optuna.db or a journal file (path.journal); "
                                         "default: in memory.")
     study_name: str | None = setting(None, "Default: calibration-<member run id prefixes>.")
-    inner_trials: int = setting(500, "Trials of each outer fold's search in the nested (honest) estimate.", ge=1)
+    inner_trials: int = setting(500, "Trials of each search rerun inside the estimate of the calibration's gain.",
+                               ge=1)
 
 
 @dataclass(frozen=True)
@@ -301,7 +302,7 @@ class RegisterConfig(Settings):
 class PromoteConfig(Settings):
     version: int | None = setting(None, "Model version to promote (default: the newest).", ge=1)
     name: str = _like(RegisterConfig, "name")
-    force: bool = setting(False, f"true: promote even if its {tracking.NESTED_F1} is below production's.")
+    force: bool = setting(False, f"true: promote even if its {tracking.GATE_METRIC} is below production's.")
     legacy_stage: bool = setting(False, f"true: also move it to the deprecated registry stage "
                                         f"{tracking.LEGACY_STAGE!r}.")
 

@@ -19,7 +19,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
     ``experiment_id``; returns the prediction.
 
     The new version becomes ``production`` unless the champion/challenger gate refuses it (a worse
-    nested OOF estimate than the current champion); the prediction then comes from the champion."""
+    estimated OOF macro-F1 than the current champion's); the prediction then comes from the champion."""
     seeds, model_name, backbone, data_dir = config.seeds, config.model_name, config.backbone, config.data_dir
     with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
         tracking.log_new_params(config.params())

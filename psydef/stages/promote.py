@@ -1,5 +1,5 @@
 """The ``promote`` stage: move the alias ``production`` to a version once the version has loaded and
-predicted, and only if its honest (nested) OOF macro-F1 is not below the current champion's; the
+predicted, and only if its estimated OOF macro-F1 on unseen rows is not below the current champion's; the
 champion it replaces gets the alias ``previous``.
 
 Concurrent promotes (on any machines sharing the tracking server) are serialised by the promotion

@@ -80,17 +80,18 @@ def _one(values: set, what: str, spec: EnsembleSpec) -> str:
     return values.pop()
 
 
-def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int) -> str:
-    """What a version is, in one paragraph: members, backbone, decision rule, scores."""
-    calibrated = any(spec.delta) or spec.tau7 is not None
-    rule = (f"calibrated rule: per-level biases delta, level-7 gate tau7 "
-            f"{'off' if spec.tau7 is None else f'{spec.tau7:.3f}'}" if calibrated else "plain argmax of the blend")
+def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int, choice: str) -> str:
+    """What a version is, in one paragraph: members, backbone, decision rule (tune's choice), scores."""
+    rule = (f"calibrated rule (tune estimated a positive gain on unseen rows): per-level biases delta, level-7 gate "
+            f"tau7 {'off' if spec.tau7 is None else f'{spec.tau7:.3f}'}" if choice == tracking.CALIBRATED else
+            "plain blend (tune estimated no gain from calibrating on unseen rows): equal weights, plain argmax")
     listed = ", ".join(f"{m.info.run_id} (seed {m.data.tags.get(tracking.SEED)}, weight {w:.3f})"
                        for m, w in zip(members, spec.weights))
     return (f"Ensemble of {len(members)} member(s), backbone {tags[tracking.V_BACKBONE]}: {listed}; {n_adapters} fold "
             f"adapters. {rule[0].upper() + rule[1:]}, tuned in tune run {tags[tracking.V_TUNE_RUN_ID]}. OOF macro-F1 "
-            f"(levels 1..8): nested (honest) {float(tags[tracking.NESTED_F1]):.4f}, which the promote gate compares; "
-            f"calibrated (in-sample) {float(tags[tracking.CALIBRATED_F1]):.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
+            f"(levels 1..8): estimated on unseen rows {float(tags[tracking.GATE_METRIC]):.4f}, which the promote gate "
+            f"compares; calibrated rule in-sample (optimistic) "
+            f"{float(tags[tracking.CALIBRATED_F1]):.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
 
 
 def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
@@ -100,7 +101,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
 
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
-    missing = [m for m in (tracking.NESTED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
+    missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
     if missing:
         raise ValueError(f"tune run {tune_run_id} has no metric(s) {missing}: it did not finish; run tune again")
     members = [tracking.get_run(run_id, tracking.TRAIN, what="ensemble member (train run)") for run_id in spec.run_ids]
@@ -110,7 +111,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         tracking.V_DATA_DIGEST: _one({m.data.tags.get(tracking.DATA_DIGEST) for m in members}, "the data digest", spec),
         tracking.V_BACKBONE: ",".join(dict.fromkeys(m.data.tags.get(tracking.BACKBONE, "?") for m in members)),
         # repr: the promote gate compares exactly the numbers tune logged
-        **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.NESTED_F1, tracking.CALIBRATED_F1)},
+        **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         folds_of = [complete_fold_runs(member) for member in members]
@@ -132,9 +133,11 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
                 raise ValueError(f"register: no version created: {err}; at fault: "
                                  f"{_diagnose(adapter_dirs, members, folds_of)}") from err
             version = mlflow.register_model(info.model_uri, name, tags=tags)
-            text = _description(spec, members, tags, sum(map(len, adapter_dirs)))
+            choice = tune.data.tags.get(tracking.CALIBRATION) or (
+                tracking.CALIBRATED if any(spec.delta) or spec.tau7 is not None else tracking.PLAIN)
+            text = _description(spec, members, tags, sum(map(len, adapter_dirs)), choice)
             tracking.describe_version(name, version.version, text)
             tracking.describe(f"Version {version.version} of {name}: {text}")
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
-          f"({tracking.NESTED_F1} {tags[tracking.NESTED_F1]}); register run {run.info.run_id}")
+          f"({tracking.ESTIMATED_F1} {tags[tracking.ESTIMATED_F1]}); register run {run.info.run_id}")
     return version

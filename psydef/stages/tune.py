@@ -2,14 +2,16 @@
 
 Nothing is trained or recomputed: each member's OOF ids and logits are downloaded from its ``train``
 parent run, the labels and dialogues of those ids from the ``folds.csv`` of its prepare run. The
-search and the honest estimate are :func:`psydef.calibration.study.calibrate_oof`'s; this module fetches,
-aligns, calls and logs the outcome in a ``tune`` run: the three OOF macro-F1s, the per-level F1,
-``ensemble.json`` (the :class:`~psydef.calibration.rule.EnsembleSpec`), the trials and the plots.
+search, the estimate of its gain on unseen rows and the choice between the calibrated rule and the plain
+blend are :func:`psydef.calibration.study.calibrate_oof`'s; this module fetches, aligns, calls and logs the
+outcome in a ``tune`` run: the OOF macro-F1s and the estimated gain, the choice (tag ``psydef.calibration``)
+and why (the run description), the chosen rule's per-level F1, ``ensemble.json`` (the chosen
+:class:`~psydef.calibration.rule.EnsembleSpec`), the trials and the plots.
 """
 from __future__ import annotations
 
 import tempfile
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import mlflow
@@ -127,11 +129,14 @@ def default_study_name(run_ids: list[str]) -> str:
 
 def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     """Calibrate the ensemble of ``config.train_runs`` (default: :func:`pick_train_runs` of experiment
-    ``experiment_id``) on their OOF logits and log it in a ``tune`` run; returns its id.
+    ``experiment_id``) on their OOF logits, estimate the calibration's gain over the plain blend on unseen
+    rows, and log the chosen rule (the calibrated one only when that gain is positive) in a ``tune`` run;
+    returns its id.
 
     ``storage`` (``sqlite:///optuna.db``, ``path.journal``; in memory when None) keeps the study, so a
     second tune of the same members resumes it (``n_trials`` is the study's total) and tunes running at
-    once share it. ``study_name`` defaults to :func:`default_study_name`."""
+    once share it. ``study_name`` defaults to :func:`default_study_name`. ``inner_trials``: the trials of
+    each search rerun inside the gain estimate."""
     train_runs, n_trials, sampler, gate, seed = list(config.train_runs), config.n_trials, config.sampler, config.gate, config.seed
     storage, study_name, inner_trials = config.storage, config.study_name, config.inner_trials
     run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id)]
@@ -149,35 +154,48 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
         tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
                                           "n_dialogues": n_dialogues})
         print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
-              f"{storage or 'in-memory'}), then the nested estimate: the search rerun with {inner_trials} trials "
-              "in each of 5 dialogue-grouped outer folds")
+              f"{storage or 'in-memory'}), then the gain estimate: the search rerun with {inner_trials} trials "
+              "in each fold of repeated record-level K-fold splits")
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar stands for Optuna's line per trial
         try:
-            report = calibrate_oof(oof.logits, oof.y, oof.groups, run_ids=run_ids, data_digest=oof.data_digest,
+            report = calibrate_oof(oof.logits, oof.y, run_ids=run_ids, data_digest=oof.data_digest,
                                    sampler=sampler, n_trials=n_trials, inner_n_trials=inner_trials, gate=gate,
                                    seed=seed, storage=storage, study_name=study)
         finally:
             optuna.logging.set_verbosity(verbosity)
-        mlflow.log_metrics(report.metrics())
-        _log_artifacts(report, oof)
-        tracking.describe(
-            f"Calibrated the ensemble of {len(run_ids)} train run(s) ({', '.join(run_ids)}; backbone {backbone}, data "
-            f"digest {oof.data_digest}) on their {len(oof.ids)} OOF rows from {n_dialogues} dialogues: {n_trials} "
-            f"{sampler} trials over the blend weights, the per-level biases"
-            + (" and the level-7 gate" if gate else " (no level-7 gate)")
-            + f". OOF macro-F1 (levels 1..8): raw (equal weights, plain argmax) {report.oof_macro_f1_raw:.4f}, "
-            f"calibrated (in-sample) {report.oof_macro_f1_calibrated:.4f}, nested (honest, {inner_trials} trials per "
-            f"outer fold) {report.oof_macro_f1_nested:.4f}. {tracking.ENSEMBLE_JSON} holds the rule register packages.")
-    print(f"tune: OOF macro-F1 (levels 1..8) raw {report.oof_macro_f1_raw:.4f}, calibrated (in-sample) "
-          f"{report.oof_macro_f1_calibrated:.4f}, nested (honest) {report.oof_macro_f1_nested:.4f}; "
+        estimate = report.estimate
+        tracking.log_new_params({"estimate_repeats": estimate.fold_gain.shape[0],
+                                 "estimate_splits": estimate.fold_gain.shape[1]})
+        metrics = _metrics(report)
+        choice = tracking.CALIBRATED if report.calibrated else tracking.PLAIN
+        mlflow.log_metrics(metrics)
+        mlflow.set_tag(tracking.CALIBRATION, choice)
+        tracking.describe(_description(report, oof, choice))
+        _log_artifacts(report, oof, metrics)
+    print(f"tune: OOF macro-F1 (levels 1..8) plain blend {report.raw_f1:.4f}, calibrated in-sample "
+          f"{report.calibrated_in_sample_f1:.4f}, calibrated estimated {estimate.calibrated_f1:.4f}; {report.reason}; "
           f"tune run {run.info.run_id}")
     return run.info.run_id
 
 
-def _log_artifacts(report, oof: OOFBundle) -> None:
-    """ensemble.json (the spec, each member with its backbone), the trials table and the plots."""
-    spec = report.spec.to_dict()
+def _metrics(report) -> dict[str, float]:
+    estimate = report.estimate
+    return {tracking.RAW_F1: report.raw_f1, tracking.CALIBRATED_F1: report.calibrated_in_sample_f1,
+            tracking.CALIBRATED_ESTIMATED_F1: estimate.calibrated_f1, tracking.ESTIMATED_GAIN: estimate.gain,
+            tracking.ESTIMATED_GAIN_STD: estimate.gain_fold_std, tracking.ESTIMATED_F1: report.estimated_f1,
+            **{tracking.OOF_LEVEL_F1.format(c): f for c, f in report.per_class_f1.items()}}
+
+
+def _description(report, oof: OOFBundle, choice: str) -> str:
+    return (f"Calibration of {len(oof.run_ids)} member(s) ({', '.join(dict.fromkeys(oof.backbones))}) on "
+            f"{len(oof.ids)} OOF rows. Chosen rule: {choice}. The {report.reason}. The chosen rule's estimated "
+            f"macro-F1 (levels 1..8) on unseen rows, which the promote gate compares: {report.estimated_f1:.4f}.")
+
+
+def _log_artifacts(report, oof: OOFBundle, metrics: dict[str, float]) -> None:
+    """ensemble.json (the chosen rule, each member with its backbone), the trials table and the plots."""
+    spec = replace(report.spec, metrics=metrics).to_dict()
     for member, backbone in zip(spec["members"], oof.backbones):
         member["backbone"] = backbone  # EnsembleSpec.from_dict keeps run_id and weight only
     with tempfile.TemporaryDirectory() as tmp:
@@ -188,8 +206,9 @@ def _log_artifacts(report, oof: OOFBundle) -> None:
         report.search.plot_history(tmp / tracking.HISTORY_PLOT)
         # Optuna's default PED-ANOVA evaluator: ~2 s for 22,000 trials, so every trial is used.
         report.search.plot_importances(tmp / tracking.IMPORTANCE_PLOT)
+        rule = "calibrated rule" if report.calibrated else "plain blend"
+        in_sample = report.calibrated_in_sample_f1 if report.calibrated else report.raw_f1
         plot_confusion_matrix(oof.y, report.spec.decode_logits(oof.logits), tmp / tracking.CONFUSION_PLOT,
-                              title=f"Calibrated OOF confusion matrix (macro-F1 1..8 = "
-                                    f"{report.oof_macro_f1_calibrated:.3f})")
+                              title=f"OOF confusion matrix of the {rule} (macro-F1 1..8 = {in_sample:.3f})")
         mlflow.log_artifacts(str(tmp))
     mlflow.log_dict(spec, tracking.ENSEMBLE_JSON)  # last: a tune run with ensemble.json is complete
