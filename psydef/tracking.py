@@ -572,7 +572,7 @@ LEASE_TTL_S = 120.0  # far above the seconds a promote holds it (a few registry 
 LEASE_WAIT_S = 600.0
 
 
-class LeaseLost(RuntimeError):
+class LeaseLost(ValueError):
     """Another process holds the promotion lease this process thought it held."""
 
 

@@ -223,3 +223,19 @@ def test_a_silent_run_of_another_machine_is_marked_failed_with_its_nested_runs(s
     assert "no heartbeat from pid 4242 on another-machine" in client.get_run(silent).data.tags[tracking.END_REASON]
     for run_id in (later, alive, legacy):
         client.set_terminated(run_id, "FINISHED")
+
+
+# ---- 7. first contact: the fold banners estimate the training time left under main ------------
+def test_fold_banners_estimate_the_training_left(monkeypatch, capsys):
+    from psydef import progress
+
+    clock = iter([100.0, 160.0, 220.0])  # folds start a minute apart
+    monkeypatch.setattr("time.monotonic", lambda: next(clock))
+    progress.plan_main(seeds=2, n_splits=5, backbone="minilm", n_trials=2000, inner_trials=500)
+    for fold in range(3):
+        progress.fold_banner(42, fold, 5)
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[0].startswith("== main: prepare, then train 2 seed(s) x 5 folds (minilm), tune (2,000 trials")
+    assert lines[1:] == ["== train seed 42: fold 1/5",
+                         "== train seed 42: fold 2/5 (about 9 min of training left: 1.0 min per fold so far)",
+                         "== train seed 42: fold 3/5 (about 8 min of training left: 1.0 min per fold so far)"]
