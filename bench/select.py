@@ -112,12 +112,19 @@ def make_candidate(spec: str):
     raise SystemExit(f"unknown candidate {spec!r}: floor, torch-head[:K=V,...] or minilm[:K=V,...]")
 
 
+def cache_key(spec: str, candidate, mode: str, seed: int, digest: str) -> str:
+    """By candidate kind and full config (not by how the spec spelled it): ``minilm`` and
+    ``minilm:C=4`` share their results while C=4 is the default."""
+    kind = spec.partition(":")[0]
+    return hashlib.sha256(json.dumps([kind, candidate.config(), mode, seed, digest]).encode()).hexdigest()[:24]
+
+
 def oof_predictions(spec: str, real: pd.DataFrame, mode: str, seed: int, digest: str, cache: Path | None,
                     cached_only: bool = False):
     """(OOF predictions for the real rows, seconds spent), read from the cache when present; None when
     ``cached_only`` and not cached."""
     candidate = make_candidate(spec)
-    key = hashlib.sha256(json.dumps([spec, candidate.config(), mode, seed, digest]).encode()).hexdigest()[:24]
+    key = cache_key(spec, candidate, mode, seed, digest)
     path = None if cache is None else cache / f"{key}.json"
     if path is not None and path.is_file():
         saved = json.loads(path.read_text())

@@ -10,7 +10,8 @@ Views (each row is one target seeker utterance in its dialogue):
 
 ``combine="stack"`` fits one ``LogisticRegression`` on all views side by side (the embedding block
 scaled by ``dense_weight``); ``combine="vote"`` fits one per view and averages their probabilities.
-Classes are weighted ``balanced`` by default. ``bench/select.py`` scores it by repeated grouped
+Classes are weighted ``balanced`` by default; the augmented minority variants are left out of the fit
+unless ``use_augmented`` (they gained nothing on the bench). ``bench/select.py`` scores it by repeated grouped
 cross-validation against the TF-IDF floor and the former torch head (see the README). The logits are log-probabilities. Everything trained is stored as
 safetensors (coefficients, intercepts) and JSON (vocabularies, idf): nothing is pickled.
 """
@@ -85,7 +86,7 @@ class MiniLMBackbone(Backbone):
     max_length: int = 128  # target and previous-turn embeddings; 0 = no MiniLM views
     context_max_length: int = 0  # context-turn embedding; 0 = the context only as TF-IDF
     dense_weight: float = 1.0
-    use_augmented: bool = True
+    use_augmented: bool = False  # the augmented variants: no gain for this model on the bench (README)
     max_iter: int = 2000
     tol: float = 1e-4
 
