@@ -20,6 +20,7 @@ from mlflow.entities import LoggedModelStatus
 
 from entrypoints.cli import cli
 from psydef import tracking
+from psydef.backbones.minilm import WEIGHTS_FILE
 from tests.fixtures.jobs import REPO, TrainJobs
 from tests.fixtures.server import clean_env, free_port
 
@@ -60,9 +61,9 @@ def _local(artifact_uri: str) -> Path:
 # ---- 2. no version that cannot load --------------------------------------------------------------
 @pytest.fixture
 def truncated_head(store):
-    """Fold 1 of the second member with its adapter/head.safetensors cut in half (restored afterwards)."""
+    """Fold 1 of the second member with its adapter/linear.safetensors cut in half (restored afterwards)."""
     fold = tracking.fold_runs(store.members[1])[1]
-    head = _local(fold.info.artifact_uri) / tracking.ADAPTER_DIR / "head.safetensors"
+    head = _local(fold.info.artifact_uri) / tracking.ADAPTER_DIR / WEIGHTS_FILE
     backup = head.with_suffix(".bak")
     shutil.copy(head, backup)
     head.write_bytes(backup.read_bytes()[: head.stat().st_size // 2])
@@ -77,7 +78,7 @@ def test_register_refuses_a_model_that_cannot_load_and_names_the_file(store, tru
     error = _error_line(_cli(store, "register", "--tune-run", store.tune.good))
     assert "no version created" in error and "failed to load" in error, error
     assert f"fold run {truncated_head.info.run_id} (fold 1 of train run {store.members[1]})" in error, error
-    assert "adapter/head.safetensors" in error, error
+    assert f"adapter/{WEIGHTS_FILE}" in error, error
     assert _versions() == before
     register_run = mlflow.search_runs(experiment_names=[store.experiment], output_format="list",
                                       filter_string=f"tags.`{tracking.STAGE}` = '{tracking.REGISTER}'",
@@ -89,12 +90,12 @@ def test_register_refuses_a_model_that_cannot_load_and_names_the_file(store, tru
 
 
 def test_predict_names_a_model_that_fails_to_load(store, data_dir, tmp_path):
-    """A copy of the champion's model folder with one fold adapter's head.safetensors truncated."""
+    """A copy of the champion's model folder with one fold adapter's linear.safetensors truncated."""
     client = MlflowClient()
     champion = client.get_model_version_by_alias(NAME, tracking.PRODUCTION)
     broken = tmp_path / "broken-model"
     shutil.copytree(_local(client.get_model_version_download_uri(NAME, champion.version)), broken)
-    heads = sorted(broken.rglob("head.safetensors"))
+    heads = sorted(broken.rglob(WEIGHTS_FILE))
     assert heads
     heads[-1].write_bytes(heads[-1].read_bytes()[:100])
     error = _error_line(_cli(store, "predict", "--model-uri", str(broken), "--data-dir", str(data_dir),
@@ -140,9 +141,10 @@ def _running_with_heartbeat(store, stage: str, known: set):
 
 def _next_stage(data_dir):
     """Any stage: here prepare, which is quick."""
+    from psydef.stages.config import PrepareConfig
     from psydef.stages.prepare import run_prepare
 
-    return run_prepare(data_dir, seed=3)
+    return run_prepare(PrepareConfig(data_dir=data_dir, seed=3))
 
 
 def _tune_job(jobs, store, name):

@@ -28,7 +28,7 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="Chromium is not instal
 # Virtual time stands still while requests are pending: the budget only has to cover the UI's own timers.
 VIRTUAL_TIME_MS = 20000
 PAGE_TIMEOUT = 180  # seconds of wall time for one page, on a loaded machine
-EPOCHS = {1: 2, 2: 3}  # seed -> epochs: the one hyper-parameter (besides the seed) the two train runs differ in
+CONTEXT_TURNS = {1: 2, 2: 3}  # seed -> context_turns: the one hyper-parameter (besides the seed) the train runs differ in
 
 
 class _Text(HTMLParser):
@@ -84,8 +84,8 @@ def small_chain(data_dir, tracking_uri):
     experiment_id = tracking.configure(tracking_uri)
     prepared = run_prepare(PrepareConfig(data_dir=data_dir, seed=1))
     train_runs = [run_train(TrainConfig(data_dir=data_dir, seed=seed, prepare_run_id=prepared.run_id, backbone="minilm",
-                                        hyper={**JOB_HYPER, "epochs": epochs}), experiment_id=experiment_id)
-                  for seed, epochs in EPOCHS.items()]
+                                        hyper={**JOB_HYPER, "context_turns": turns}), experiment_id=experiment_id)
+                  for seed, turns in CONTEXT_TURNS.items()]
     tune_run = run_tune(TuneConfig(train_runs=tuple(train_runs), n_trials=30, sampler="random", inner_trials=10),
                         experiment_id=experiment_id)
     version = register(tune_run)
@@ -116,7 +116,7 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
         # the browser's last choice), not from the experiment's kind tag: the link psydef prints names it.
         runs_page = render(tracking.ui_runs_url(uri, experiment.experiment_id), shots / "1-runs.png", profile)
         assert "Runs" in runs_page
-        assert {f"train seed={seed} minilm" for seed in EPOCHS} <= set(runs_page), runs_page[:200]
+        assert {f"train seed={seed} minilm" for seed in CONTEXT_TURNS} <= set(runs_page), runs_page[:200]
         digest = client.get_run(train_runs[0]).data.tags[tracking.DATA_DIGEST]
         datasets = [node for node in runs_page if node.startswith("psydefconv-train")]  # the Dataset column
         assert len(datasets) == 3 and all(digest[:8] in node for node in datasets), datasets  # prepare + 2 trains
@@ -129,9 +129,9 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
         compare = render(f"{uri}/#/compare-runs?" + urllib.parse.urlencode(
             {"runs": json.dumps(train_runs), "experiments": json.dumps([experiment.experiment_id])}),
             shots / "3-compare.png", profile)
-        assert _after(compare, "epochs", 2) == [str(EPOCHS[1]), str(EPOCHS[2])]
+        assert _after(compare, "context_turns", 2) == [str(CONTEXT_TURNS[1]), str(CONTEXT_TURNS[2])]
         assert _after(compare, "seed", 2) == ["1", "2"]
-        assert _after(compare, "learning_rate", 2) == ["0.05", "0.05"]  # defaults are logged too
+        assert _after(compare, "class_weight", 2) == ["balanced", "balanced"]  # defaults are logged too
 
         version_page = render(f"{uri}/#/models/{tracking.MODEL_NAME}/versions/{version}", shots / "4-version.png",
                               profile)
