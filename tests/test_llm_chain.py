@@ -6,12 +6,6 @@ folds, through prepare, train, tune, register, promote and predict, then one req
 Cost: each prompt is ~600 tokens (the DMRS guide alone is ~560), so the data is a 48-record subset
 (12 dialogues, every level) of the synthetic ``data_dir`` and each fold trains one epoch."""
 import json
-import os
-import signal
-import subprocess
-import sys
-import time
-import urllib.request
 from pathlib import Path
 
 import mlflow
@@ -19,6 +13,7 @@ import pytest
 from click.testing import CliRunner
 
 from psydef import tracking
+from tests.fixtures.server import post_json, served_model
 
 pytest.importorskip("bitsandbytes")
 pytestmark = pytest.mark.usefixtures("one_torch_thread", "reuse_loaded_tokenizers")
@@ -95,46 +90,11 @@ def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tra
 
 def _serve_one_request(tracking_uri: str, workdir: Path, test_json: Path) -> list[dict]:
     """``mlflow models serve`` the production model and post the first 3 test records once."""
-    import socket
-
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
-    env = {**os.environ, "MLFLOW_TRACKING_URI": tracking_uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}
-    log = workdir / "serve.log"
-    server = subprocess.Popen([str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
-                               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"],
-                              cwd=workdir, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                              env=env)
-    try:
-        deadline = time.monotonic() + 180
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()[-3000:]}"
-            assert time.monotonic() < deadline, f"no answer on /ping after 180 s:\n{log.read_text()[-3000:]}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    with served_model(tracking.PRODUCTION_URI, tracking_uri, workdir,
+                      env={"OMP_NUM_THREADS": "1", "TOKENIZERS_PARALLELISM": "false"}) as url:
         records = json.loads(test_json.read_text())[:3]
         rows = {"columns": ["id", "dialogue", "current_text"],
                 "data": [[r["id"], r["dialogue"], r["current_text"]] for r in records]}
-        request = urllib.request.Request(f"http://127.0.0.1:{port}/invocations",
-                                         json.dumps({"dataframe_split": rows}).encode(),
-                                         {"Content-Type": "application/json"})
-        with urllib.request.urlopen(request, timeout=120) as response:
-            assert response.status == 200
-            return json.loads(response.read())["predictions"]
-    finally:
-        for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-            try:
-                os.killpg(server.pid, sig)
-                server.wait(timeout=wait)
-                break
-            except ProcessLookupError:
-                break
-            except subprocess.TimeoutExpired:
-                continue
+        status, answer = post_json(url, {"dataframe_split": rows})
+        assert status == 200, answer
+        return answer["predictions"]

@@ -2,16 +2,7 @@
 by the train contract (a train parent per seed, FINISHED fold runs with ``adapter/``) in a temporary
 SQLite tracking store: tests/fixtures/stores.py: ``registry_store`` and ``champion``."""
 import json
-import os
-import signal
-import socket
-import subprocess
-import sys
-import time
-import urllib.error
-import urllib.request
 import zipfile
-from pathlib import Path
 
 import mlflow
 import numpy as np
@@ -26,6 +17,7 @@ from psydef.backbones import load_adapter
 from psydef.calibration.rule import EnsembleSpec, blend, softmax
 from psydef.core.labels import PROB_COLUMNS
 from tests.fixtures.records import ensemble_rows
+from tests.fixtures.server import post_json, served_model
 
 NAME = tracking.MODEL_NAME
 
@@ -210,48 +202,11 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
         {"id": i, "label": int(y)} for i, y in zip(result.predictions["id"], result.predictions["label"])]
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _post(url: str, payload: dict) -> tuple[int, dict]:
-    request = urllib.request.Request(url, json.dumps(payload).encode(), {"Content-Type": "application/json"})
-    try:
-        with urllib.request.urlopen(request, timeout=60) as response:
-            return response.status, json.loads(response.read())
-    except urllib.error.HTTPError as err:
-        return err.code, json.loads(err.read())
-
-
 def test_serving_answers_a_request(store, champion, tmp_path):
-    port = _free_port()
-    bin_dir = Path(sys.executable).parent  # mlflow and the uvicorn it execs live beside this Python
-    command = [str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI,
-               "--env-manager", "local", "-p", str(port), "-h", "127.0.0.1"]
-    env = {**os.environ, "MLFLOW_TRACKING_URI": store.uri, "PATH": f"{bin_dir}{os.pathsep}{os.environ['PATH']}",
-           "PSYDEF_MAX_REQUEST_ROWS": "5"}  # the input limits, set where the model is served
-    log = tmp_path / "serve.log"
-    try:
-        server = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, start_new_session=True,
-                                  env=env)
-    except OSError as err:
-        pytest.skip(f"the MLflow server binary cannot start: {err}")
-    try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, f"mlflow models serve exited:\n{log.read_text()}"
-            assert time.monotonic() < deadline, f"no answer on /ping after 120 s:\n{log.read_text()}"
-            try:
-                with urllib.request.urlopen(f"http://127.0.0.1:{port}/ping", timeout=2) as response:
-                    if response.status == 200:
-                        break
-            except OSError:
-                time.sleep(0.5)
+    # the input limits, set where the model is served
+    with served_model(tracking.PRODUCTION_URI, store.uri, tmp_path, env={"PSYDEF_MAX_REQUEST_ROWS": "5"}) as url:
         rows = ensemble_rows(5, labelled=False)[["id", "dialogue", "current_text"]]
-        status, answer = _post(f"http://127.0.0.1:{port}/invocations",
-                               {"dataframe_split": rows.to_dict(orient="split", index=False)})
+        status, answer = post_json(url, {"dataframe_split": rows.to_dict(orient="split", index=False)})
         assert status == 200, answer
         expected = mlflow.pyfunc.load_model(tracking.PRODUCTION_URI).predict(rows)
         assert [p["id"] for p in answer["predictions"]] == list(rows["id"])
@@ -260,28 +215,13 @@ def test_serving_answers_a_request(store, champion, tmp_path):
         np.testing.assert_allclose([[p[c] for c in PROB_COLUMNS] for p in answer["predictions"]],
                                    expected[list(PROB_COLUMNS)].to_numpy(), atol=1e-5)
         bad = rows.assign(current_text="not the last turn")
-        status, answer = _post(f"http://127.0.0.1:{port}/invocations",
-                               {"dataframe_split": bad.to_dict(orient="split", index=False)})
+        status, answer = post_json(url, {"dataframe_split": bad.to_dict(orient="split", index=False)})
         assert status == 400 and "id 'row_000'" in answer["message"], answer
         for oversized, message in ((ensemble_rows(6, labelled=False), "the number of rows is 6, over the limit of 5"),
                                    (rows.assign(current_text="x" * 10_001, dialogue=[[{"speaker": "seeker", "text": "x" * 10_001}]] * 5),
                                     "over the limit of 10,000 (set PSYDEF_MAX_UTTERANCE_CHARS")):
-            status, answer = _post(f"http://127.0.0.1:{port}/invocations", {"dataframe_split": oversized[
+            status, answer = post_json(url, {"dataframe_split": oversized[
                 ["id", "dialogue", "current_text"]].to_dict(orient="split", index=False)})
             assert status == 400 and message in answer["message"], answer
-    finally:
-        _stop(server)
 
 
-def _stop(server: subprocess.Popen) -> None:
-    """SIGTERM, then SIGKILL after 20 s, to the server's process group (it and its uvicorn worker)."""
-    for sig, wait in ((signal.SIGTERM, 20), (signal.SIGKILL, 10)):
-        try:
-            os.killpg(server.pid, sig)
-        except ProcessLookupError:  # the whole group is gone already
-            return
-        try:
-            server.wait(timeout=wait)
-            return
-        except subprocess.TimeoutExpired:
-            continue
