@@ -1,4 +1,3 @@
-import multiprocessing as mp
 
 import numpy as np
 import optuna
@@ -8,7 +7,7 @@ from optuna.trial import TrialState
 from psydef.calibration.rule import EnsembleSpec, plain_decode
 from psydef.calibration.score import CandidateScorer, macro_f1
 from psydef.calibration.study import SearchSpace, align_members, calibrate_oof, load_study, run_study
-from tests.fixtures.fake_runs import oof_problem as problem
+from tests.fixtures.fake_runs import oof_problem as problem, two_tuners_on_one_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
 
@@ -133,26 +132,11 @@ def test_an_interrupted_batch_stores_nothing(tmp_path):
     assert run_study(scorer(n=30), n_trials=10, sampler="tpe", storage=storage, show_progress=False).n_new_trials == 7
 
 
-def _share(storage, seed, sampler, barrier, queue):
-    barrier.wait()
-    result = run_study(scorer(n=200), n_trials=30, sampler=sampler, seed=seed, storage=storage, study_name="shared",
-                       batch_size=3, show_progress=False)
-    queue.put(result.n_new_trials)
-
-
 @pytest.mark.parametrize("kind", ["sqlite", "journal"])
 @pytest.mark.parametrize("sampler", ["random", "tpe"])
 def test_two_processes_share_a_study_and_end_with_exactly_n_trials(tmp_path, kind, sampler):
     storage = f"sqlite:///{tmp_path}/optuna.db" if kind == "sqlite" else str(tmp_path / "optuna.journal")
-    ctx = mp.get_context("fork")
-    barrier, queue = ctx.Barrier(2), ctx.Queue()
-    procs = [ctx.Process(target=_share, args=(storage, seed, sampler, barrier, queue)) for seed in (1, 2)]
-    for p in procs:
-        p.start()
-    for p in procs:
-        p.join(60)
-        assert p.exitcode == 0
-    contributions = sorted(queue.get(timeout=5) for _ in procs)
+    contributions = two_tuners_on_one_study(storage, sampler, 30, timeout=60)
     trials = load_study(storage, "shared").trials
     assert sum(contributions) == 30 and contributions[0] > 0  # both processes ran batches
     assert [t.number for t in trials] == list(range(30)) and all(t.state == TrialState.COMPLETE for t in trials)

@@ -12,6 +12,7 @@ from collections import defaultdict
 import pytest
 
 from psydef import tracking
+from tests.fixtures.fake_runs import two_tuners_on_one_study
 from tests.fixtures.server import REPO, clean_env, group_cmdlines, tail, mlflow_server, postgres_cluster
 
 SEEDS = (1, 2)
@@ -99,24 +100,11 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
 
 
 # ---- tuners on several machines share only PostgreSQL -------------------------------------------
-def _tune_share(storage, seed, sampler, barrier, queue):
-    from psydef.calibration.score import CandidateScorer
-    from psydef.calibration.study import run_study
-    from tests.fixtures.fake_runs import oof_problem
-
-    logits, y, _ = oof_problem(n=200)
-    barrier.wait()
-    result = run_study(CandidateScorer.from_logits(logits, y), n_trials=N_SHARED_TRIALS, sampler=sampler, seed=seed,
-                       storage=storage, study_name="shared", batch_size=3, show_progress=False)
-    queue.put(result.n_new_trials)
-
-
 N_SHARED_TRIALS = 40
 
 
 @pytest.mark.parametrize("sampler", ["tpe", "random"])
 def test_two_tuners_share_a_postgresql_study_with_exactly_n_trials(sampler, monkeypatch):
-    import multiprocessing as mp
 
     import optuna
     from optuna.trial import TrialState
@@ -124,15 +112,7 @@ def test_two_tuners_share_a_postgresql_study_with_exactly_n_trials(sampler, monk
     with postgres_cluster() as (uri, password):
         monkeypatch.setenv("PGPASSWORD", password)  # libpq reads it: no password in the storage address
         storage = uri.replace(f":{password}@", "@")
-        ctx = mp.get_context("fork")
-        barrier, queue = ctx.Barrier(2), ctx.Queue()
-        procs = [ctx.Process(target=_tune_share, args=(storage, seed, sampler, barrier, queue)) for seed in (1, 2)]
-        for p in procs:
-            p.start()
-        for p in procs:
-            p.join(300)
-            assert p.exitcode == 0
-        contributions = sorted(queue.get(timeout=5) for _ in procs)
+        contributions = two_tuners_on_one_study(storage, sampler, N_SHARED_TRIALS, timeout=300)
         trials = optuna.load_study(study_name="shared", storage=storage).trials
         assert sum(contributions) == N_SHARED_TRIALS and contributions[0] > 0  # both tuners ran batches
         assert [t.number for t in trials] == list(range(N_SHARED_TRIALS))
