@@ -18,6 +18,7 @@ call, so the LLM's ten fold adapters share one base model.
 """
 from __future__ import annotations
 
+import warnings
 from importlib.metadata import requires, version
 from pathlib import Path
 from typing import Sequence
@@ -90,11 +91,13 @@ def log_ensemble_model(spec: EnsembleSpec, member_adapter_dirs: Sequence[Sequenc
         keys = [f"member_{i}_fold_{k}" for k in range(len(dirs))]
         artifacts.update(zip(keys, map(str, dirs)))
         adapters.append(keys)
-    return mlflow.pyfunc.log_model(
-        name=name, python_model=__file__, artifacts=artifacts,
-        model_config={"ensemble": spec.to_dict(), "adapters": adapters},
-        code_paths=[str(Path(__file__).parent)], pip_requirements=_pip_requirements(),
-        signature=SIGNATURE)
+    with warnings.catch_warnings():  # MLflow's advice to log an input example: left out on purpose (above)
+        warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)
+        return mlflow.pyfunc.log_model(
+            name=name, python_model=__file__, artifacts=artifacts,
+            model_config={"ensemble": spec.to_dict(), "adapters": adapters},
+            code_paths=[str(Path(__file__).parent)], pip_requirements=_pip_requirements(),
+            signature=SIGNATURE)
 
 
 mlflow.models.set_model(EnsembleModel())
