@@ -22,7 +22,7 @@ import pandas as pd
 
 from psydef import progress, tracking
 from psydef.backbones import backbone_class
-from psydef.calibration.rule import softmax
+from psydef.calibration.rule import fold_mean_probs
 from psydef.core.augment import with_provenance
 from psydef.core.folds import split_fold
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
@@ -120,7 +120,7 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
         mlflow.log_dict(ids, tracking.OOF_IDS)
         tracking.log_npy(logits, tracking.OOF_LOGITS)
         if prepared.test is not None:
-            probs = np.mean([softmax(result.test_logits) for result in results], axis=0).astype(np.float32)
+            probs = fold_mean_probs([result.test_logits for result in results]).astype(np.float32)
             mlflow.log_dict(results[0].test_ids, tracking.TEST_IDS)
             tracking.log_npy(probs, tracking.TEST_PROBS)
         mlflow.log_metrics(metrics)
