@@ -319,6 +319,20 @@ def fold_runs(parent_run_id: str) -> dict[int, object]:
     return complete
 
 
+def complete_fold_runs(run) -> list:
+    """The complete fold runs of train run ``run`` in fold order, one per fold of its prepare run;
+    a ValueError naming the folds that are not complete."""
+    run_id = run.info.run_id
+    prepare = get_run(run.data.tags.get(PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
+    n_splits = int(prepare.data.params["n_splits"])
+    folds = fold_runs(run_id)
+    missing = sorted(set(range(n_splits)) - set(folds))
+    if missing:
+        raise ValueError(f"train run {run_id} has no complete fold run for folds {missing} (of {n_splits}); "
+                         "finish its training (train -P resume=true, or -P fold=k) first")
+    return [folds[k] for k in range(n_splits)]
+
+
 def mark_stale_folds_failed(parent_run_id: str, fold: int | None = None) -> None:
     """Fold runs left RUNNING by a killed process are marked FAILED before a resume (all of them), or
     before fold ``fold`` is trained again (only that fold's: other folds may be training right now in

@@ -12,7 +12,6 @@ from pathlib import Path
 from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
 from psydef.stages.config import RegisterConfig
-from psydef.stages.train import complete_fold_runs
 
 
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
@@ -114,7 +113,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1)},
     }
     with tempfile.TemporaryDirectory() as tmp:
-        folds_of = [complete_fold_runs(member) for member in members]
+        folds_of = [tracking.complete_fold_runs(member) for member in members]
         adapter_dirs = [[_download_adapter(fold, member.info.run_id, Path(tmp) / f"member_{i}" / f"fold_{k}")
                          for k, fold in enumerate(folds)]
                         for i, (member, folds) in enumerate(zip(members, folds_of))]

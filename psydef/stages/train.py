@@ -99,7 +99,7 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
     metrics and plots from its complete fold runs: ``trained`` holds those this process trained (in
     memory), the others are downloaded."""
     trained = dict(trained or {})
-    folds = complete_fold_runs(tracking.client().get_run(parent_run_id))
+    folds = tracking.complete_fold_runs(tracking.client().get_run(parent_run_id))
     n_splits = len(folds)
     results = [trained[k] if k in trained and trained[k].run_id == fold.info.run_id
                else FoldResult.download(fold.info.run_id, with_test=prepared.test is not None)
@@ -137,20 +137,6 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
                       f"{tracking.OOF_LOGITS} holds the out-of-fold logits that tune calibrates.", parent_run_id)
     print(f"train {parent_run_id}: {summary}")
     return metrics
-
-
-def complete_fold_runs(run) -> list:
-    """The complete fold runs of train run ``run`` in fold order, one per fold of its prepare run;
-    a ValueError naming the folds that are not complete."""
-    run_id = run.info.run_id
-    prepare = tracking.get_run(run.data.tags.get(tracking.PREPARE_RUN_ID, ""), what=f"prepare run of train run {run_id}")
-    n_splits = int(prepare.data.params["n_splits"])
-    folds = tracking.fold_runs(run_id)
-    missing = sorted(set(range(n_splits)) - set(folds))
-    if missing:
-        raise ValueError(f"train run {run_id} has no complete fold run for folds {missing} (of {n_splits}); "
-                         "finish its training (train -P resume=true, or -P fold=k) first")
-    return [folds[k] for k in range(n_splits)]
 
 
 def run_train(config: TrainConfig, *, experiment_id: str, prepared: Prepared | None = None) -> str:

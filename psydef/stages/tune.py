@@ -25,7 +25,6 @@ from psydef.calibration.study import align_members, calibrate_oof
 from psydef.core.metrics import plot_confusion_matrix
 from psydef.stages.config import TuneConfig
 from psydef.stages.prepare import load_folds
-from psydef.stages.train import complete_fold_runs
 
 
 @dataclass(frozen=True)
@@ -70,7 +69,7 @@ def _train_run(run_id: str):
     if run.info.status != "FINISHED":
         raise ValueError(f"train run {run_id} is {run.info.status}, not FINISHED: its folds are not all trained "
                          "and aggregated (train -P resume=true finishes it)")
-    complete_fold_runs(run)
+    tracking.complete_fold_runs(run)
     return run
 
 
