@@ -79,6 +79,20 @@ def test_study_best_value_is_what_the_spec_decodes(sampler):
     assert macro_f1(y, spec.decode_logits(logits)) == result.best_value
 
 
+@pytest.mark.parametrize("n_members,gate", [(1, False), (2, True), (3, True)])
+def test_the_first_trial_is_the_plain_blend(n_members, gate):
+    space = SearchSpace(n_members, gate=gate)
+    weights, delta, tau7 = space.candidate(space.plain_params())
+    np.testing.assert_allclose(weights, np.full(n_members, 1 / n_members))
+    assert not delta.any() and tau7 == (0.99 if gate else None)
+    members, y, _ = problem(2, n_members=n_members)
+    plain = macro_f1(y, plain_decode(list(members)))
+    for sampler in ("random", "tpe"):
+        result = run_study(CandidateScorer.from_logits(members, y), n_trials=3, sampler=sampler, gate=gate,
+                           delta_bound=50.0, show_progress=False)  # far-off random trials: worse than plain
+        assert result.study.trials[0].value == plain and result.best_value >= plain
+
+
 def test_random_study_is_seeded():
     a = run_study(scorer(), n_trials=30, sampler="random", seed=5, batch_size=7, show_progress=False)
     b = run_study(scorer(), n_trials=30, sampler="random", seed=5, batch_size=7, show_progress=False)

@@ -84,7 +84,7 @@ def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibra
     prep = store.prepare()
     members = [store.train(prep, 1), store.train(prep, 2)]
     tune_id = run_tune(None, n_trials=48, sampler="tpe", gate=True, seed=0, storage=None, study_name=None,
-                       inner_trials=16)
+                       inner_trials=48)
     run = mlflow.get_run(tune_id)
     assert run.info.status == "FINISHED"
     assert run.data.tags[tracking.STAGE] == tracking.TUNE

@@ -196,7 +196,6 @@ def plain_decode(logits_by_member: Sequence) -> np.ndarray:
     return _decide(_blend(member_probs, np.full((1, m), 1.0 / m)), np.zeros((1, N_LEVELS)), None)[0]
 
 
-
 # ---------------------------------------------------------------------------------------------
 # The calibrated ensemble, as a file
 

@@ -108,6 +108,17 @@ class SearchSpace:
         w, d, t = self.to_arrays(self.params_matrix([params]))
         return w[0], d[0], None if t is None else float(t[0])
 
+    def plain_params(self) -> dict[str, float]:
+        """The plain blend as a point of the space: no bias, equal weights (the stick-breaking parameters
+        that :func:`simplex_weights` maps to 1/m each) and, with the gate, its highest threshold (a
+        ``p_7`` that high is the argmax anyway)."""
+        m = self.n_members
+        params = {f"delta_{c}": 0.0 for c in self.delta_levels}
+        params.update({f"stick_{i}": 1.0 - ((m - i) / (m - i + 1)) ** (m - i) for i in range(1, m)})
+        if self.gate:
+            params["tau7"] = self.tau7_range[1]
+        return params
+
     def sample(self, rng: np.random.Generator, k: int) -> np.ndarray:
         """(k, n_params) rows drawn uniformly from the distributions (what RandomSampler draws)."""
         dists = self.distributions().values()
@@ -332,10 +343,13 @@ def run_study(scorer: CandidateScorer, *, n_trials: int, sampler: str = "tpe", s
                     done = len(complete)
                     k = min(batch, n_trials - done)
                     if k > 0:
-                        if sampler == "random":
-                            _random_batch(mirror, space, scorer, np.random.default_rng([seed, done]), k)
-                        else:
-                            _ask_tell_batch(mirror, space, scorer, k)
+                        if done == 0:  # the plain blend is the first trial: the search never ends below it
+                            _add_trials(mirror, space, scorer, space.params_matrix([space.plain_params()]))
+                        searched = k - (done == 0)
+                        if sampler == "random" and searched:
+                            _add_trials(mirror, space, scorer, space.sample(np.random.default_rng([seed, done]), searched))
+                        elif searched:
+                            _ask_tell_batch(mirror, space, scorer, searched)
                         if mirror is not study:
                             study.add_trials(mirror.get_trials(deepcopy=False)[-k:])
                 if k <= 0:
@@ -347,8 +361,8 @@ def run_study(scorer: CandidateScorer, *, n_trials: int, sampler: str = "tpe", s
     return SearchResult(study, space, n_new)
 
 
-def _random_batch(study, space: SearchSpace, scorer: CandidateScorer, rng: np.random.Generator, k: int) -> None:
-    x = space.sample(rng, k)
+def _add_trials(study, space: SearchSpace, scorer: CandidateScorer, x: np.ndarray) -> None:
+    """Score the parameter rows ``x`` and add them to ``study`` as complete trials."""
     values = scorer.score(*space.to_arrays(x))
     dists = space.distributions()
     names = list(dists)
