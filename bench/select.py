@@ -50,7 +50,7 @@ else:
     from sklearn.feature_extraction.text import TfidfVectorizer
     from sklearn.linear_model import LogisticRegression
 
-    from psydef.backbones.encoder import cache_root
+    from psydef.backbones.encoder import FrozenEncoder, cache_root
     from psydef.backbones.minilm import MiniLMBackbone
     from psydef.core.augment import augment_minority, with_provenance
     from psydef.core.data import dataset_digest, read_split
@@ -123,9 +123,11 @@ else:
 
     def cache_key(spec: str, candidate, mode: str, seed: int, digest: str) -> str:
         """By candidate kind and full config (not by how the spec spelled it): ``minilm`` and
-        ``minilm:C=4`` share their results while C=4 is the default."""
+        ``minilm:C=0.5`` share their results while C=0.5 is the default; ``minilm`` also by the encoder
+        (its dtype follows the CPU)."""
         kind = spec.partition(":")[0]
-        return hashlib.sha256(json.dumps([kind, candidate.config(), mode, seed, digest]).encode()).hexdigest()[:24]
+        encoder = [FrozenEncoder.shared().key] if kind == "minilm" else []
+        return hashlib.sha256(json.dumps([kind, candidate.config(), mode, seed, digest, *encoder]).encode()).hexdigest()[:24]
 
 
     def oof_predictions(spec: str, real: pd.DataFrame, mode: str, seed: int, digest: str, cache: Path | None,

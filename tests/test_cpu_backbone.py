@@ -27,8 +27,8 @@ def rows():
     return dialogue_rows(54)
 
 
-@pytest.mark.parametrize("hyper", [SMALL, {**SMALL, "combine": "vote", "context_max_length": 32},
-                                   {"max_length": 0, "char_ngrams": False}])
+@pytest.mark.parametrize("hyper", [SMALL, {**SMALL, "combine": "vote", "previous_max_length": 32, "context_max_length": 32},
+                                   {"max_length": 0, "char_ngrams": False, "history_tfidf": False}])
 def test_round_trip_reproduces_logits_and_stores_no_pickle(rows, tmp_path, hyper):
     model = MiniLMBackbone(**hyper).fit(rows, seed=0)
     logits = model.predict_logits(rows)
@@ -61,6 +61,16 @@ def test_same_seed_same_logits_and_augmented_rows_can_be_left_out(rows):
     assert np.array_equal(MiniLMBackbone(**SMALL, use_augmented=True).fit(marked, seed=3).predict_logits(rows), first)
 
 
+def test_views_read_only_the_turns_before_the_target():
+    dialogue = [{"speaker": "seeker", "text": "I lost my job."}, {"speaker": "supporter", "text": "I am sorry."},
+                {"speaker": "seeker", "text": "It is fine."}, {"speaker": "supporter", "text": "Is it?"},
+                {"speaker": "seeker", "text": "Whatever."}]
+    assert minilm.seeker_history(dialogue) == "I lost my job.\nIt is fine."
+    assert minilm.seeker_history(dialogue[:1]) == ""
+    assert minilm.previous_turn(dialogue) == "Is it?"
+    assert minilm.tagged_context(dialogue, 2) == "seeker_it seeker_is seeker_fine supporter_is supporter_it"
+
+
 def test_a_level_missing_from_training_is_never_predicted(rows):
     train = rows[rows["label"] != 4]
     logits = MiniLMBackbone(**SMALL).fit(train, seed=0).predict_logits(rows)
@@ -86,6 +96,25 @@ def test_cpu_auto_resolves_to_the_linear_default(monkeypatch):
 
     monkeypatch.setattr(torch.cuda, "is_available", lambda: False)
     assert resolve_backbone_name("auto") == "minilm" and backbone_class("auto") is MiniLMBackbone
+
+
+def test_batches_bound_rows_and_padded_tokens(monkeypatch):
+    monkeypatch.setenv("PSYDEF_CACHE_DIR", "off")  # both encoders encode
+    encoder = FrozenEncoder(batch_size=4, batch_tokens=40, dtype="float32")
+    lengths = [3, 50, 5, 5, 9, 12, 3, 30, 8]
+    order = sorted(range(len(lengths)), key=lambda i: lengths[i])
+    batches = encoder._batches(order, lengths)
+    assert [i for b in batches for i in b] == order  # every text once, in order
+    assert all(len(b) <= 4 and (len(b) == 1 or len(b) * max(lengths[i] for i in b) <= 40) for b in batches)
+    texts = ["Whatever.", "I am fine, really, I just need to keep busy and not think about it at all.", "ok",
+             "It is what it is."] * 3
+    one_batch = FrozenEncoder(batch_size=64, batch_tokens=10_000, dtype="float32")
+    float32 = encoder.embed(texts, 32)
+    assert np.allclose(float32, one_batch.embed(texts, 32), atol=1e-5)
+    assert encoder._model is not None and one_batch._model is not None
+    bfloat16 = FrozenEncoder(dtype="bfloat16")  # the dtype where the CPU has bfloat16 matmuls
+    assert bfloat16.key != encoder.key  # cached apart
+    assert (np.sum(bfloat16.embed(texts, 32) * float32, axis=1) > 0.999).all()  # cosine: both are unit vectors
 
 
 def test_embedding_cache_is_shared_across_processes(embedding_cache, monkeypatch):

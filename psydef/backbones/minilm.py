@@ -5,15 +5,19 @@ Views (each row is one target seeker utterance in its dialogue):
 * ``target``: word (1-2 gram) and character (2-5 gram) TF-IDF of the target utterance;
 * ``context``: word (1-2 gram) TF-IDF of the last ``context_turns`` turns before the target, every word
   tagged with its speaker (``seeker_...`` / ``supporter_...``);
-* ``embed``: frozen all-MiniLM-L6-v2 embeddings (:mod:`psydef.backbones.encoder`) of the target and the
-  previous turn (``max_length`` tokens) and, when ``context_max_length`` > 0, of the context turns.
+* ``history``: word (1-2 gram) TF-IDF of every earlier seeker turn of the dialogue (what this seeker has
+  said so far);
+* ``embed``: frozen all-MiniLM-L6-v2 embeddings (:mod:`psydef.backbones.encoder`) of the target
+  (``max_length`` tokens) and, when their lengths are > 0, of the previous turn (``previous_max_length``)
+  and of the context turns (``context_max_length``).
 
 ``combine="stack"`` fits one ``LogisticRegression`` on all views side by side (the embedding block
 scaled by ``dense_weight``); ``combine="vote"`` fits one per view and averages their probabilities.
 Classes are weighted ``balanced`` by default; the augmented minority variants are left out of the fit
-unless ``use_augmented`` (they gained nothing on the bench). ``bench/select.py`` scores it by repeated grouped
-cross-validation against the TF-IDF floor and the former torch head (see the README). The logits are log-probabilities. Everything trained is stored as
-safetensors (coefficients, intercepts) and JSON (vocabularies, idf): nothing is pickled.
+unless ``use_augmented`` (they gained nothing on the bench). The defaults are what ``bench/select.py``
+chose by repeated grouped cross-validation in both grouping modes (see the README). The logits are
+log-probabilities. Everything trained is stored as safetensors (coefficients, intercepts) and JSON
+(vocabularies, idf): nothing is pickled.
 """
 from __future__ import annotations
 
@@ -52,6 +56,11 @@ def context_text(dialogue: list[dict], turns: int) -> str:
     return "\n".join(f"{t['speaker']}: {t['text']}" for t in reversed(dialogue[-turns - 1:-1]))
 
 
+def seeker_history(dialogue: list[dict]) -> str:
+    """Every seeker turn before the target, oldest first."""
+    return "\n".join(t["text"] for t in dialogue[:-1] if t["speaker"] == "seeker")
+
+
 def tagged_context(dialogue: list[dict], turns: int) -> str:
     """The ``turns`` turns before the target as lower-cased words tagged with their speaker."""
     return " ".join(f"{t['speaker']}_{w}" for t in dialogue[-turns - 1:-1] for w in _WORD.findall(t["text"].lower()))
@@ -62,6 +71,7 @@ _VECTORIZERS = {
     "word": dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
     "char": dict(analyzer="char_wb", ngram_range=(2, 5), min_df=3, sublinear_tf=True),
     "context": dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True, lowercase=False, token_pattern=r"\S+"),
+    "history": dict(ngram_range=(1, 2), min_df=2, sublinear_tf=True),
 }
 
 
@@ -77,13 +87,15 @@ class MiniLMBackbone(Backbone):
     """Balanced logistic regression on TF-IDF and frozen MiniLM views (see the module docstring)."""
 
     combine: str = "stack"
-    C: float = 4.0
+    C: float = 0.5
     class_weight: str = "balanced"  # or "none"
     context_turns: int = 6
     char_ngrams: bool = True
     max_char_features: int = 30000
     context_tfidf: bool = True
-    max_length: int = 128  # target and previous-turn embeddings; 0 = no MiniLM views
+    history_tfidf: bool = True
+    max_length: int = 128  # target embedding; 0 = no MiniLM views
+    previous_max_length: int = 0  # previous-turn embedding; 0 = none (it lost on the bench)
     context_max_length: int = 0  # context-turn embedding; 0 = the context only as TF-IDF
     dense_weight: float = 1.0
     use_augmented: bool = False  # the augmented variants: no gain for this model on the bench (README)
@@ -107,14 +119,17 @@ class MiniLMBackbone(Backbone):
     def _texts(self, name: str, rows: pd.DataFrame) -> list[str]:
         if name == "context":
             return [tagged_context(d, self.context_turns) for d in rows["dialogue"]]
+        if name == "history":
+            return [seeker_history(d) for d in rows["dialogue"]]
         return list(rows["current_text"])
 
     def _dense(self, rows: pd.DataFrame) -> np.ndarray | None:
         if self.max_length <= 0:
             return None
         encoder = FrozenEncoder.shared()
-        blocks = [encoder.embed(list(rows["current_text"]), self.max_length),
-                  encoder.embed([previous_turn(d) for d in rows["dialogue"]], self.max_length)]
+        blocks = [encoder.embed(list(rows["current_text"]), self.max_length)]
+        if self.previous_max_length > 0:
+            blocks.append(encoder.embed([previous_turn(d) for d in rows["dialogue"]], self.previous_max_length))
         if self.context_max_length > 0:
             blocks.append(encoder.embed([context_text(d, self.context_turns) for d in rows["dialogue"]],
                                         self.context_max_length))
@@ -125,12 +140,13 @@ class MiniLMBackbone(Backbone):
         self._dense(rows)
 
     def _views(self, rows: pd.DataFrame) -> dict[str, sp.csr_matrix]:
-        """View group -> feature matrix: ``target`` (word + char), ``context``, ``embed``."""
+        """View group -> feature matrix: ``target`` (word + char), ``context``, ``history``, ``embed``."""
         views = {}
         target = [self.vectorizers[n].transform(self._texts(n, rows)) for n in ("word", "char") if n in self.vectorizers]
         views["target"] = sp.hstack(target, format="csr")
-        if "context" in self.vectorizers:
-            views["context"] = self.vectorizers["context"].transform(self._texts("context", rows)).tocsr()
+        for name in ("context", "history"):
+            if name in self.vectorizers:
+                views[name] = self.vectorizers[name].transform(self._texts(name, rows)).tocsr()
         dense = self._dense(rows)
         if dense is not None:
             views["embed"] = sp.csr_matrix(dense)
@@ -157,7 +173,8 @@ class MiniLMBackbone(Backbone):
         return self
 
     def _fit(self, train: pd.DataFrame) -> tuple[dict, dict]:
-        names = ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else [])]
+        names = ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else []),
+                 *(["history"] if self.history_tfidf else [])]
         self.vectorizers = {}
         for name in names:
             extra = {"max_features": self.max_char_features} if name == "char" else {}
