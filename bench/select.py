@@ -5,7 +5,9 @@ Each candidate is scored on ``--repeats`` x 5 folds (split seeds 42, 43, ...) un
 (psydef.core.folds.fold_table; the augmented variants of a repeat are made with its seed, as prepare
 does, and follow their source into the training folds; only candidates that train on augmented rows
 see them). Prints, per mode, the mean and standard deviation over repeats of the official OOF
-macro-F1 (levels 1..8), the macro-F1 over 0..8 and the accuracy, as a markdown table.
+macro-F1 (levels 1..8), the macro-F1 over 0..8 and the accuracy, as a markdown table, then each
+candidate's paired difference in F1 1-8 from the first candidate on the same splits (mean ± std over
+repeats, and on how many splits it was positive): the split-to-split spread cancels there.
 
 Candidates:
   floor          word TF-IDF of the target + word TF-IDF of the last 6 turns,
@@ -185,7 +187,7 @@ else:
                     if found is None:
                         continue
                     pred, seconds = found
-                    runs.append({**evaluate(y, pred), "seconds": seconds})
+                    runs.append({**evaluate(y, pred), "seconds": seconds, "seed": 42 + r})
                     print(f"{spec} {mode} seed {42 + r}: F1 1-8 {runs[-1]['macro_f1']:.4f} ({seconds:.0f} s)",
                           file=sys.stderr, flush=True)
                 table[spec, mode] = runs
@@ -198,6 +200,21 @@ else:
             cells = [_cell([r[m] for r in table[spec, mode]], args.repeats) for mode in modes for m, _ in METRICS]
             seconds = [r["seconds"] for mode in modes for r in table[spec, mode]]
             print(f"| `{spec}` | " + " | ".join(cells) + f" | {np.mean(seconds) if seconds else float('nan'):.0f} |")
+        if len(specs) > 1:
+            print(f"\nPaired difference in F1 1-8 from `{specs[0]}` on the same splits (mean ± std over repeats, "
+                  "splits where it is positive)\n")
+            print("| candidate | " + " | ".join(modes) + " |")
+            print("|" + "---|" * (len(modes) + 1))
+            for spec in specs[1:]:
+                print(f"| `{spec}` | " + " | ".join(_paired(table[specs[0], mode], table[spec, mode]) for mode in modes) + " |")
+
+
+    def _paired(reference: list[dict], runs: list[dict]) -> str:
+        by_seed = {r["seed"]: r["macro_f1"] for r in reference}
+        diffs = [r["macro_f1"] - by_seed[r["seed"]] for r in runs if r["seed"] in by_seed]
+        if not diffs:
+            return "not run"
+        return f"{np.mean(diffs):+.4f} ± {np.std(diffs):.4f} ({sum(d > 0 for d in diffs)}/{len(diffs)})"
 
 
     def _cell(values: list[float], repeats: int) -> str:

@@ -24,6 +24,7 @@ from pathlib import Path
 from typing import Sequence
 
 import mlflow
+import numpy as np
 import pandas as pd
 from mlflow.exceptions import MlflowException
 from mlflow.models import ModelSignature
@@ -58,7 +59,14 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
             rows = input_table(model_input)
         except DataError as err:  # an MlflowException is what the scoring server answers with a 400
             raise MlflowException.invalid_parameter_value(str(err)) from err
-        probs = [fold_mean_probs([adapter.predict_logits(rows) for adapter in folds]) for folds in self.members]
+        logits: dict[int, np.ndarray] = {}  # one prediction per adapter object: identical folders load as one
+
+        def fold_logits(adapter) -> np.ndarray:
+            if id(adapter) not in logits:
+                logits[id(adapter)] = adapter.predict_logits(rows)
+            return logits[id(adapter)]
+
+        probs = [fold_mean_probs([fold_logits(adapter) for adapter in folds]) for folds in self.members]
         out = pd.DataFrame(self.spec.blend_probs(probs), columns=list(PROB_COLUMNS))
         out.insert(0, "label", self.spec.decode_probs(probs))
         out.insert(0, "id", rows["id"].to_numpy())

@@ -28,7 +28,7 @@ def rows():
 
 
 @pytest.mark.parametrize("hyper", [SMALL, {**SMALL, "combine": "vote", "previous_max_length": 32, "context_max_length": 32},
-                                   {"max_length": 0, "char_ngrams": False, "history_tfidf": False}])
+                                   {"max_length": 0, "char_ngrams": False, "history_tfidf": False, "length_weight": 0}])
 def test_round_trip_reproduces_logits_and_stores_no_pickle(rows, tmp_path, hyper):
     model = MiniLMBackbone(**hyper).fit(rows, seed=0)
     logits = model.predict_logits(rows)
@@ -69,6 +69,21 @@ def test_views_read_only_the_turns_before_the_target():
     assert minilm.seeker_history(dialogue[:1]) == ""
     assert minilm.previous_turn(dialogue) == "Is it?"
     assert minilm.tagged_context(dialogue, 2) == "seeker_it seeker_is seeker_fine supporter_is supporter_it"
+
+
+def test_length_columns_count_turns_so_far_and_target_words():
+    import pandas as pd
+
+    dialogue = [{"speaker": "seeker", "text": "Hi"}, {"speaker": "supporter", "text": "Hello, how are you?"},
+                {"speaker": "seeker", "text": "I am fine, really."}]
+    rows = pd.DataFrame({"dialogue": [dialogue, dialogue[:1]], "current_text": ["I am fine, really.", "Hi"]})
+    assert np.allclose(minilm.length_columns(rows), [[np.log(4) / 4, np.log(5) / 5], [np.log(2) / 4, np.log(2) / 5]])
+    model = MiniLMBackbone(max_length=0, length_weight=2.0)
+    model.vectorizers = {"word": minilm.TfidfVectorizer().fit(rows["current_text"])}
+    target = model._views(rows)["stack"].toarray()
+    assert np.allclose(target[:, -2:], 2.0 * minilm.length_columns(rows))  # scaled by length_weight, beside the words
+    model.length_weight = 0
+    assert model._views(rows)["stack"].shape[1] == len(model.vectorizers["word"].vocabulary_)  # 0: no columns
 
 
 def test_a_level_missing_from_training_is_never_predicted(rows):
@@ -130,3 +145,15 @@ def test_embedding_cache_is_shared_across_processes(embedding_cache, monkeypatch
     monkeypatch.setenv("PSYDEF_CACHE_DIR", "off")
     off = FrozenEncoder()
     assert np.allclose(off.embed(texts, 32), first, atol=1e-5) and off._model is not None
+
+
+def test_identical_adapter_folders_load_as_one_object(rows, tmp_path):
+    from psydef.backbones import load_adapters
+
+    model = MiniLMBackbone(**SMALL).fit(rows, seed=0)
+    other = MiniLMBackbone(**SMALL, C=2.0).fit(rows, seed=0)
+    folders = [model.save(tmp_path / "seed_a"), model.save(tmp_path / "seed_b"), other.save(tmp_path / "other")]
+    first, twin, third = load_adapters(folders)
+    assert first is twin and third is not first  # the same bytes: one object (the ensemble predicts it once)
+    assert np.array_equal(first.predict_logits(rows), model.predict_logits(rows))
+    assert np.array_equal(third.predict_logits(rows), other.predict_logits(rows))

@@ -4,6 +4,7 @@ adapters (an ensemble: members x folds) loads them together with :func:`load_ada
 whose adapters sit on one frozen base model (the LLM) loads that base once."""
 from __future__ import annotations
 
+import hashlib
 import json
 from abc import ABC, abstractmethod
 from pathlib import Path
@@ -76,23 +77,38 @@ def _read_meta(path: Path) -> dict:
     return json.loads(meta_file.read_text())
 
 
+def folder_digest(path: Path) -> str:
+    """sha256 over every file of a folder (relative path and bytes): equal for byte-identical adapters."""
+    digest = hashlib.sha256()
+    for file in sorted(p for p in path.rglob("*") if p.is_file()):
+        digest.update(file.relative_to(path).as_posix().encode() + b"\0")
+        with file.open("rb") as handle:
+            for block in iter(lambda: handle.read(1 << 20), b""):
+                digest.update(block)
+    return digest.hexdigest()
+
+
 def load_adapters(paths: Sequence[str | Path]) -> list[Backbone]:
     """Rebuild trained backbones from adapter folders written by ``Backbone.save``, in the order given.
     The folders of each backbone class are loaded in one ``load_many`` call (one shared base model
-    for the LLM's fold adapters)."""
+    for the LLM's fold adapters). Byte-identical folders are loaded once and give the same object
+    (the CPU default ignores the seed: two seeds on one fold table save the same fold adapters), so a
+    caller that memoises by object predicts each distinct adapter once."""
     from psydef.backbones import backbone_class
 
     paths = [Path(p) for p in paths]
-    metas = [_read_meta(p) for p in paths]
+    first_of: dict[str, int] = {}  # folder digest -> index of its first folder
+    source = [first_of.setdefault(folder_digest(p), i) for i, p in enumerate(paths)]
+    distinct = sorted(set(source))
+    metas = {i: _read_meta(paths[i]) for i in distinct}
     by_name: dict[str, list[int]] = {}
-    for i, meta in enumerate(metas):
-        by_name.setdefault(meta["backbone"], []).append(i)
-    loaded: list[Backbone | None] = [None] * len(paths)
+    for i in distinct:
+        by_name.setdefault(metas[i]["backbone"], []).append(i)
+    loaded: dict[int, Backbone] = {}
     for name, index in by_name.items():
         backbones = backbone_class(name).load_many([paths[i] for i in index], [metas[i]["config"] for i in index])
-        for i, backbone in zip(index, backbones, strict=True):
-            loaded[i] = backbone
-    return loaded
+        loaded.update(zip(index, backbones, strict=True))
+    return [loaded[i] for i in source]
 
 
 def load_adapter(path: str | Path) -> Backbone:

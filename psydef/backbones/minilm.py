@@ -7,6 +7,8 @@ Views (each row is one target seeker utterance in its dialogue):
   tagged with its speaker (``seeker_...`` / ``supporter_...``);
 * ``history``: word (1-2 gram) TF-IDF of every earlier seeker turn of the dialogue (what this seeker has
   said so far);
+* two length columns, part of ``target``: how many turns the dialogue has reached and how many words the
+  target has (log-scaled, times ``length_weight``; phatic level-0 turns are short, and so on);
 * ``embed``: frozen all-MiniLM-L6-v2 embeddings (:mod:`psydef.backbones.encoder`) of the target
   (``max_length`` tokens) and, when their lengths are > 0, of the previous turn (``previous_max_length``)
   and of the context turns (``context_max_length``).
@@ -61,6 +63,14 @@ def seeker_history(dialogue: list[dict]) -> str:
     return "\n".join(t["text"] for t in dialogue[:-1] if t["speaker"] == "seeker")
 
 
+def length_columns(rows: pd.DataFrame) -> np.ndarray:
+    """log(1 + turns so far) / 4 and log(1 + words of the target) / 5: about 1 for a long dialogue (55 turns)
+    and a long utterance (150 words), the scale of a TF-IDF row."""
+    turns = np.array([len(d) for d in rows["dialogue"]], dtype=np.float64)
+    words = np.array([len(text.split()) for text in rows["current_text"]], dtype=np.float64)
+    return np.column_stack([np.log1p(turns) / 4, np.log1p(words) / 5])
+
+
 def tagged_context(dialogue: list[dict], turns: int) -> str:
     """The ``turns`` turns before the target as lower-cased words tagged with their speaker."""
     return " ".join(f"{t['speaker']}_{w}" for t in dialogue[-turns - 1:-1] for w in _WORD.findall(t["text"].lower()))
@@ -98,6 +108,7 @@ class MiniLMBackbone(Backbone):
     previous_max_length: int = 0  # previous-turn embedding; 0 = none (it lost on the bench)
     context_max_length: int = 0  # context-turn embedding; 0 = the context only as TF-IDF
     dense_weight: float = 1.0
+    length_weight: float = 1.0  # the two length columns (turns so far, target words); 0 = none
     use_augmented: bool = False  # the augmented variants: no gain for this model on the bench (README)
     max_iter: int = 2000
     tol: float = 1e-4
@@ -140,9 +151,11 @@ class MiniLMBackbone(Backbone):
         self._dense(rows)
 
     def _views(self, rows: pd.DataFrame) -> dict[str, sp.csr_matrix]:
-        """View group -> feature matrix: ``target`` (word + char), ``context``, ``history``, ``embed``."""
+        """View group -> feature matrix: ``target`` (word + char + lengths), ``context``, ``history``, ``embed``."""
         views = {}
         target = [self.vectorizers[n].transform(self._texts(n, rows)) for n in ("word", "char") if n in self.vectorizers]
+        if self.length_weight > 0:
+            target.append(sp.csr_matrix(length_columns(rows) * self.length_weight))
         views["target"] = sp.hstack(target, format="csr")
         for name in ("context", "history"):
             if name in self.vectorizers:
