@@ -89,14 +89,16 @@ def main() -> None:
                         help="the estimate's folds (the halvings are always record-level)")
     parser.add_argument("--no-gate", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--n-jobs", type=int, default=-1, help="processes at once, as tune's n_jobs (-1: one per CPU)")
     args = parser.parse_args()
     optuna.logging.set_verbosity(optuna.logging.WARNING)
 
     if args.train_runs is not None:
         from psydef.stages.tune import load_oof, pick_train_runs
 
-        tracking.configure(args.tracking_uri)
-        run_ids = args.train_runs.split(",") if args.train_runs else [r.info.run_id for r in pick_train_runs()]
+        experiment_id = tracking.configure(args.tracking_uri)
+        run_ids = (args.train_runs.split(",") if args.train_runs
+                   else [r.info.run_id for r in pick_train_runs(experiment_id)])
         oof = load_oof(run_ids)
         logits, y, groups = oof.logits, oof.y, oof.groups
         print(f"data: OOF logits logged by train runs {run_ids} in {args.tracking_uri}")
@@ -116,7 +118,8 @@ def main() -> None:
         report = calibrate_oof([x[a] for x in logits], y[a], sampler=args.sampler, n_trials=args.n_trials,
                                inner_n_trials=args.inner_trials, gate=not args.no_gate, n_splits=args.n_splits,
                                n_repeats=args.n_repeats, seed=args.seed + h,
-                               groups=groups[a] if args.group_by == "dialogue" else None, show_progress=False)
+                               groups=groups[a] if args.group_by == "dialogue" else None, n_jobs=args.n_jobs,
+                               show_progress=False)
         half_b = [x[b] for x in logits]
         plain_b = macro_f1(y[b], plain_decode(half_b))
         realised = macro_f1(y[b], report.search.spec([f"m{i}" for i in range(len(logits))]).decode_logits(half_b)) - plain_b

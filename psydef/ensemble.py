@@ -7,14 +7,16 @@ Nothing is pickled. The model carries:
 * ``model_config``: ``{"ensemble": EnsembleSpec.to_dict(), "adapters": [[artifact key, ...] per
   member]}``; YAML (the MLmodel file) round-trips Python floats exactly, so the weights, ``delta``
   and ``tau7`` are those tune wrote;
-* ``artifacts``: every member's fold adapter folders (``Backbone.save``), one key each;
+* ``artifacts``: the members' fold adapter folders (``Backbone.save``), one key per distinct folder:
+  byte-identical folders (two seeds of the CPU default, which ignores the seed) are logged once, under
+  the key of the first, and every member that has one names that key;
 * ``code_paths``: the ``psydef`` package as it was when the model was logged.
 
 A member's prediction is the mean over its fold adapters of softmax(fold logits)
 (:func:`psydef.calibration.rule.fold_mean_probs`); the decision rule is :mod:`psydef.calibration.rule`'s:
 :meth:`EnsembleSpec.blend_probs` gives the blended probabilities and :meth:`EnsembleSpec.decode_probs`
-the labels. Every fold adapter of every member is loaded in one :func:`psydef.backbones.load_adapters`
-call, so the LLM's ten fold adapters share one base model.
+the labels. Every distinct fold adapter is loaded once, all in one :func:`psydef.backbones.load_adapters`
+call (the LLM's ten fold adapters share one base model), and predicts once per request.
 """
 from __future__ import annotations
 
@@ -34,6 +36,7 @@ from packaging.version import Version
 
 from psydef import tracking
 from psydef.backbones import load_adapters
+from psydef.backbones.base import folder_digest
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.data import DataError, input_table
 from psydef.core.labels import PROB_COLUMNS
@@ -51,15 +54,16 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context):
         config = context.model_config
         self.spec = EnsembleSpec.from_dict(config["ensemble"])
-        adapters = iter(load_adapters([context.artifacts[key] for keys in config["adapters"] for key in keys]))
-        self.members = [[next(adapters) for _ in keys] for keys in config["adapters"]]
+        keys = list(dict.fromkeys(key for member in config["adapters"] for key in member))
+        adapter_of = dict(zip(keys, load_adapters([context.artifacts[key] for key in keys]), strict=True))
+        self.members = [[adapter_of[key] for key in member] for member in config["adapters"]]
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
             rows = input_table(model_input)
         except DataError as err:  # an MlflowException is what the scoring server answers with a 400
             raise MlflowException.invalid_parameter_value(str(err)) from err
-        logits: dict[int, np.ndarray] = {}  # one prediction per adapter object: identical folders load as one
+        logits: dict[int, np.ndarray] = {}  # one prediction per adapter object (members may share one)
 
         def fold_logits(adapter) -> np.ndarray:
             if id(adapter) not in logits:
@@ -86,18 +90,21 @@ def log_ensemble_model(spec: EnsembleSpec, member_adapter_dirs: Sequence[Sequenc
                        name: str = tracking.MODEL_ARTIFACT):
     """Log the ensemble in the active run; returns MLflow's ``ModelInfo``.
 
-    ``member_adapter_dirs[i]`` are the fold adapter folders of ``spec.members[i]``. No input example is
+    ``member_adapter_dirs[i]`` are the fold adapter folders of ``spec.members[i]``; byte-identical folders
+    are logged once (see the module docstring). No input example is
     logged: MLflow would load the whole ensemble to check it (and only warn when that fails), where
     ``register`` already loads it once for its smoke test, which fails loudly."""
     if len(member_adapter_dirs) != len(spec.members):
         raise ValueError(f"{len(member_adapter_dirs)} lists of adapter folders for {len(spec.members)} members "
                          f"({spec.run_ids}); give one list per member, in the spec's order")
-    artifacts, adapters = {}, []
+    artifacts, adapters, key_of_digest = {}, [], {}
     for i, dirs in enumerate(member_adapter_dirs):
         if not dirs:
             raise ValueError(f"member {i} (run {spec.run_ids[i]}) has no fold adapter folders")
-        keys = [f"member_{i}_fold_{k}" for k in range(len(dirs))]
-        artifacts.update(zip(keys, map(str, dirs)))
+        keys = [key_of_digest.setdefault(folder_digest(Path(folder)), f"member_{i}_fold_{k}")
+                for k, folder in enumerate(dirs)]
+        for key, folder in zip(keys, dirs):
+            artifacts.setdefault(key, str(folder))
         adapters.append(keys)
     with warnings.catch_warnings():  # MLflow's advice to log an input example: left out on purpose (above)
         warnings.filterwarnings("ignore", message=".*An input example was not provided", category=UserWarning)

@@ -54,7 +54,9 @@ def test_mlproject_parameters_are_the_config_fields_with_their_defaults(entry_po
 def test_main_passes_on_the_defaults_of_the_stages_it_runs():
     main = MainConfig()
     assert main.train(42).backbone_hyper() == TrainConfig().backbone_hyper()
-    assert (main.tune([]).n_trials, main.tune([]).inner_trials) == (TuneConfig().n_trials, TuneConfig().inner_trials)
+    tune = main.tune([])
+    assert (tune.n_trials, tune.inner_trials, tune.n_jobs) == (TuneConfig().n_trials, TuneConfig().inner_trials,
+                                                              TuneConfig().n_jobs)
     assert main.prepare() == PrepareConfig(seed=main.seeds[0])
     assert main.predict().out_dir == PredictConfig().out_dir
     assert set(main.params()) == {f.name for f in dataclasses.fields(MainConfig)}  # what the pipeline run logs
@@ -81,6 +83,8 @@ BAD = {  # command line -> what the one-line error must say
     ("prepare", "--group-by", "speaker"): r"--group-by: must be one of dialogue, utterance; got 'speaker'",
     ("tune", "--n-trials", "0"): r"--n-trials: must be >= 1",
     ("tune", "--inner-trials", "0"): r"--inner-trials: must be >= 1",
+    ("tune", "--n-jobs", "0"): r"--n-jobs: 0 processes cannot run anything",
+    ("tune", "--n-jobs", "-2"): r"--n-jobs: must be >= -1",
     ("tune", "--gate", "maybe"): r"--gate: 'maybe' is not a valid bool",
     ("tune", "--sampler", "grid"): r"--sampler: must be one of tpe, cmaes, random; got 'grid'",
     ("promote", "--version", "0"): r"--version: must be >= 1",

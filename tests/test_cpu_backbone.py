@@ -1,6 +1,7 @@
 """The CPU default backbone (class-weighted logistic regression on TF-IDF + frozen MiniLM views) and its
 embedding cache, on small generated rows."""
 import json
+from pathlib import Path
 
 import numpy as np
 import pytest
@@ -147,13 +148,32 @@ def test_embedding_cache_is_shared_across_processes(embedding_cache, monkeypatch
     assert np.allclose(off.embed(texts, 32), first, atol=1e-5) and off._model is not None
 
 
-def test_identical_adapter_folders_load_as_one_object(rows, tmp_path):
-    from psydef.backbones import load_adapters
+def test_byte_identical_fold_adapters_are_logged_once_and_predict_once(tracking_uri, tmp_path, monkeypatch):
+    import mlflow
 
-    model = MiniLMBackbone(**SMALL).fit(rows, seed=0)
-    other = MiniLMBackbone(**SMALL, C=2.0).fit(rows, seed=0)
-    folders = [model.save(tmp_path / "seed_a"), model.save(tmp_path / "seed_b"), other.save(tmp_path / "other")]
-    first, twin, third = load_adapters(folders)
-    assert first is twin and third is not first  # the same bytes: one object (the ensemble predicts it once)
-    assert np.array_equal(first.predict_logits(rows), model.predict_logits(rows))
-    assert np.array_equal(third.predict_logits(rows), other.predict_logits(rows))
+    from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
+    from psydef.ensemble import log_ensemble_model
+    from tests.fixtures.records import ensemble_rows
+
+    rows = ensemble_rows(54)
+    model, other = MiniLMBackbone(**SMALL).fit(rows, seed=0), MiniLMBackbone(**SMALL, C=2.0).fit(rows, seed=0)
+    # members r1 and r2 are two seeds of the CPU default (the same adapters); r3 has them the other way round
+    dirs = [[a.save(tmp_path / f"{member}_fold_{k}") for k, a in enumerate(pair)]
+            for member, pair in (("r1", (model, other)), ("r2", (model, other)), ("r3", (other, model)))]
+    spec = EnsembleSpec.plain(["r1", "r2", "r3"])
+    with mlflow.start_run():
+        info = log_ensemble_model(spec, dirs)
+    stored = Path(mlflow.artifacts.download_artifacts(info.model_uri)) / "artifacts"
+    assert sorted(p.name for p in stored.iterdir()) == ["r1_fold_0", "r1_fold_1"]  # r1's folders, once
+
+    ensemble = mlflow.pyfunc.load_model(info.model_uri)
+    (a0, a1), (b0, b1), (c0, c1) = ensemble.unwrap_python_model().members
+    assert a0 is b0 is c1 and a1 is b1 is c0 and a0 is not a1
+    calls = []
+    predict_logits = MiniLMBackbone.predict_logits
+    monkeypatch.setattr(MiniLMBackbone, "predict_logits", lambda self, r: calls.append(self) or predict_logits(self, r))
+    out = ensemble.predict(rows[["id", "dialogue", "current_text"]])
+    assert len(calls) == 2  # once per distinct adapter
+    fold_logits = [model.predict_logits(rows), other.predict_logits(rows)]
+    probs = [fold_mean_probs(fold_logits), fold_mean_probs(fold_logits), fold_mean_probs(fold_logits[::-1])]
+    np.testing.assert_array_equal(out["label"].to_numpy(), spec.decode_probs(probs))

@@ -192,3 +192,14 @@ def test_calibrate_oof_keeps_the_plain_blend_when_calibration_cannot_gain():
     assert "not positive: the plain blend" in report.reason
     assert report.spec == EnsembleSpec.plain(["r1", "r2"]) and report.estimated_f1 == report.raw_f1 == 1.0
     assert all(report.per_class_f1[c] == 1.0 for c in range(1, 9))
+
+
+def test_calibrate_oof_gives_the_same_report_with_the_estimate_in_worker_processes():
+    logits, y, _ = problem(2, n=300)
+    options = dict(run_ids=["r1", "r2"], sampler="tpe", n_trials=30, inner_n_trials=20, n_splits=3, n_repeats=2,
+                   show_progress=False)
+    serial, parallel = (calibrate_oof(logits, y, n_jobs=n_jobs, **options) for n_jobs in (1, 2))
+    assert np.array_equal(serial.estimate.fold_gain, parallel.estimate.fold_gain)
+    assert np.array_equal(serial.estimate.predictions, parallel.estimate.predictions)
+    assert serial.estimate.fold_gain.std() > 0  # ten different searches, not one repeated
+    assert serial.spec == parallel.spec and serial.search.best_value == parallel.search.best_value

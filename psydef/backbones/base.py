@@ -78,7 +78,8 @@ def _read_meta(path: Path) -> dict:
 
 
 def folder_digest(path: Path) -> str:
-    """sha256 over every file of a folder (relative path and bytes): equal for byte-identical adapters."""
+    """sha256 over every file of a folder (relative path and bytes): equal for byte-identical adapters
+    (``register`` logs those once)."""
     digest = hashlib.sha256()
     for file in sorted(p for p in path.rglob("*") if p.is_file()):
         digest.update(file.relative_to(path).as_posix().encode() + b"\0")
@@ -91,24 +92,19 @@ def folder_digest(path: Path) -> str:
 def load_adapters(paths: Sequence[str | Path]) -> list[Backbone]:
     """Rebuild trained backbones from adapter folders written by ``Backbone.save``, in the order given.
     The folders of each backbone class are loaded in one ``load_many`` call (one shared base model
-    for the LLM's fold adapters). Byte-identical folders are loaded once and give the same object
-    (the CPU default ignores the seed: two seeds on one fold table save the same fold adapters), so a
-    caller that memoises by object predicts each distinct adapter once."""
+    for the LLM's fold adapters)."""
     from psydef.backbones import backbone_class
 
     paths = [Path(p) for p in paths]
-    first_of: dict[str, int] = {}  # folder digest -> index of its first folder
-    source = [first_of.setdefault(folder_digest(p), i) for i, p in enumerate(paths)]
-    distinct = sorted(set(source))
-    metas = {i: _read_meta(paths[i]) for i in distinct}
+    metas = [_read_meta(p) for p in paths]
     by_name: dict[str, list[int]] = {}
-    for i in distinct:
-        by_name.setdefault(metas[i]["backbone"], []).append(i)
+    for i, meta in enumerate(metas):
+        by_name.setdefault(meta["backbone"], []).append(i)
     loaded: dict[int, Backbone] = {}
     for name, index in by_name.items():
         backbones = backbone_class(name).load_many([paths[i] for i in index], [metas[i]["config"] for i in index])
         loaded.update(zip(index, backbones, strict=True))
-    return [loaded[i] for i in source]
+    return [loaded[i] for i in range(len(paths))]
 
 
 def load_adapter(path: str | Path) -> Backbone:

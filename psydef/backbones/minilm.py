@@ -44,9 +44,9 @@ VOCAB_FILE = "tfidf.json"
 COMBINE = ("stack", "vote")
 MISSING_CLASS_LOGIT = -30.0  # a level absent from the training rows: never predicted
 _WORD = re.compile(r"\w+")
-# (config, training rows) -> fitted (vectorizers, members). The fit does not depend on the seed, so a
-# second seed on the same folds in the same process (``main``) reuses the first seed's fits.
-_FITTED: dict[str, tuple[dict, dict]] = {}
+# (config, training rows) -> fitted (vectorizers, members, training loss). The fit does not depend on the
+# seed, so a second seed on the same folds in the same process (``main``) reuses the first seed's fits.
+_FITTED: dict[str, tuple[dict, dict, float]] = {}
 
 
 def previous_turn(dialogue: list[dict]) -> str:
@@ -150,16 +150,19 @@ class MiniLMBackbone(Backbone):
         """Embed every row once, in one canonical pass (see :mod:`psydef.backbones.encoder`)."""
         self._dense(rows)
 
-    def _views(self, rows: pd.DataFrame) -> dict[str, sp.csr_matrix]:
-        """View group -> feature matrix: ``target`` (word + char + lengths), ``context``, ``history``, ``embed``."""
+    def _views(self, rows: pd.DataFrame, tfidf: dict[str, sp.spmatrix] | None = None) -> dict[str, sp.csr_matrix]:
+        """View group -> feature matrix: ``target`` (word + char + lengths), ``context``, ``history``, ``embed``.
+        ``tfidf``: the vectorizers' matrices of ``rows`` when already made (by ``fit_transform``)."""
+        if tfidf is None:
+            tfidf = {name: v.transform(self._texts(name, rows)) for name, v in self.vectorizers.items()}
         views = {}
-        target = [self.vectorizers[n].transform(self._texts(n, rows)) for n in ("word", "char") if n in self.vectorizers]
+        target = [tfidf[n] for n in ("word", "char") if n in tfidf]
         if self.length_weight > 0:
             target.append(sp.csr_matrix(length_columns(rows) * self.length_weight))
         views["target"] = sp.hstack(target, format="csr")
         for name in ("context", "history"):
-            if name in self.vectorizers:
-                views[name] = self.vectorizers[name].transform(self._texts(name, rows)).tocsr()
+            if name in tfidf:
+                views[name] = tfidf[name].tocsr()
         dense = self._dense(rows)
         if dense is not None:
             views["embed"] = sp.csr_matrix(dense)
@@ -177,30 +180,31 @@ class MiniLMBackbone(Backbone):
                                          list(train["current_text"]), list(train["dialogue"])]).encode()).hexdigest()
         if key not in _FITTED:
             _FITTED[key] = self._fit(train)
-        self.vectorizers, self.members = _FITTED[key]
+        self.vectorizers, self.members, train_loss = _FITTED[key]
         if on_epoch is not None:
-            y = train["label"].astype(int).to_numpy()
-            log_p = self._log_proba(self._views(train))
-            on_epoch(1, float(-np.mean(log_p[np.arange(len(y)), y])),
-                     None if valid is None else self.predict_logits(valid))
+            on_epoch(1, train_loss, None if valid is None else self.predict_logits(valid))
         return self
 
-    def _fit(self, train: pd.DataFrame) -> tuple[dict, dict]:
+    def _fit(self, train: pd.DataFrame) -> tuple[dict, dict, float]:
+        """The fitted vectorizers and members, and the training rows' mean negative log-likelihood."""
         names = ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else []),
                  *(["history"] if self.history_tfidf else [])]
-        self.vectorizers = {}
+        self.vectorizers, tfidf = {}, {}
         for name in names:
             extra = {"max_features": self.max_char_features} if name == "char" else {}
-            self.vectorizers[name] = TfidfVectorizer(**_VECTORIZERS[name], **extra).fit(self._texts(name, train))
+            self.vectorizers[name] = TfidfVectorizer(**_VECTORIZERS[name], **extra)
+            tfidf[name] = self.vectorizers[name].fit_transform(self._texts(name, train))
         y = train["label"].astype(int).to_numpy()
-        members = {}
-        for group, x in self._views(train).items():
+        views = self._views(train, tfidf)
+        self.members = {}
+        for group, x in views.items():
             model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
                                        class_weight=None if self.class_weight == "none" else "balanced")
             model.fit(x, y)
-            members[group] = {"coef": model.coef_, "intercept": model.intercept_,
-                              "classes": model.classes_.astype(np.int64)}
-        return self.vectorizers, members
+            self.members[group] = {"coef": model.coef_, "intercept": model.intercept_,
+                                   "classes": model.classes_.astype(np.int64)}
+        log_p = self._log_proba(views)
+        return self.vectorizers, self.members, float(-np.mean(log_p[np.arange(len(y)), y]))
 
     def _log_proba(self, views: dict[str, sp.csr_matrix]) -> np.ndarray:
         """Log of the members' mean probability over the 9 levels (float64)."""

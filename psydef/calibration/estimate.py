@@ -23,11 +23,15 @@ record-level halvings of real OOF logits, search and estimate on one half, score
 """
 from __future__ import annotations
 
+import multiprocessing
+from concurrent.futures import ProcessPoolExecutor
+from contextlib import nullcontext
 from dataclasses import dataclass
 from typing import Callable, Sequence
 
 import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
+from tqdm.auto import tqdm
 
 from psydef.calibration.rule import _check_labels, _check_members, plain_decode
 from psydef.calibration.score import macro_f1
@@ -69,13 +73,17 @@ FitFn = Callable[[list, np.ndarray, int], Callable[[list], np.ndarray]]
 
 
 def estimate_gain(fit_fn: FitFn, logits_by_member: Sequence, y_true, *, n_splits: int = 5, n_repeats: int = 2,
-                  seed: int = 0, groups=None) -> GainEstimate:
+                  seed: int = 0, groups=None, processes: int = 0, show_progress: bool = False) -> GainEstimate:
     """Estimate what the rules ``fit_fn`` fits gain over the plain blend on unseen records.
 
     For each of ``n_repeats`` shuffles, the rows are split into ``n_splits`` folds stratified by label;
     ``fit_fn`` sees the other folds' logits and labels only and returns a decoder, which labels the
     held-out fold from its logits alone. ``groups`` (one id per row), when given, keeps each group's
-    rows in one fold (``StratifiedGroupKFold``): only to measure what grouping does."""
+    rows in one fold (``StratifiedGroupKFold``): only to measure what grouping does.
+
+    The fits are independent: ``processes`` >= 1 runs them in that many spawned worker processes
+    (``fit_fn`` and its decoders must then pickle), with the same result as ``processes=0``, where they
+    run in this process one after the other."""
     logits = _check_members(logits_by_member)
     n = logits[0].shape[0]
     y = _check_labels(y_true, "y_true", n)
@@ -90,18 +98,27 @@ def estimate_gain(fit_fn: FitFn, logits_by_member: Sequence, y_true, *, n_splits
         raise ValueError(f"n_splits must be >= 2 and at most the number of {'rows' if groups is None else 'groups'} "
                          f"({most}); got {n_splits}.")
 
-    plain = plain_decode(logits)
-    predictions = np.full((n_repeats, n), -1, dtype=np.int64)
-    fold_of_row = np.full((n_repeats, n), -1, dtype=np.int64)
-    fold_gain = np.zeros((n_repeats, n_splits))
+    splits = []  # (repeat, fold, fit rows, held-out rows), numbered by position: the fit's ``split``
     for r in range(n_repeats):
         split_seed = np.random.SeedSequence([seed, r]).generate_state(1)[0]
         if groups is None:
             folds = StratifiedKFold(n_splits, shuffle=True, random_state=split_seed).split(np.zeros(n), y)
         else:
             folds = StratifiedGroupKFold(n_splits, shuffle=True, random_state=split_seed).split(np.zeros(n), y, groups)
-        for k, (fit_idx, held_idx) in enumerate(folds):
-            decoder = fit_fn([x[fit_idx] for x in logits], y[fit_idx], r * n_splits + k)
+        splits += [(r, k, fit_idx, held_idx) for k, (fit_idx, held_idx) in enumerate(folds)]
+    if processes < 0:
+        raise ValueError(f"processes must be >= 0 (0: in this process); got {processes}.")
+    fit_args = ([[x[fit_idx] for x in logits] for _, _, fit_idx, _ in splits], [y[fit_idx] for _, _, fit_idx, _ in splits],
+                range(len(splits)))
+    plain = plain_decode(logits)
+    predictions = np.full((n_repeats, n), -1, dtype=np.int64)
+    fold_of_row = np.full((n_repeats, n), -1, dtype=np.int64)
+    fold_gain = np.zeros((n_repeats, n_splits))
+    with (ProcessPoolExecutor(processes, mp_context=multiprocessing.get_context("spawn")) if processes
+          else nullcontext()) as pool:
+        decoders = pool.map(fit_fn, *fit_args) if processes else map(fit_fn, *fit_args)
+        for (r, k, _, held_idx), decoder in tqdm(zip(splits, decoders), total=len(splits), desc="gain estimate",
+                                                  unit="search", disable=not show_progress):
             pred = _check_labels(decoder([x[held_idx] for x in logits]), "decoder output", len(held_idx))
             predictions[r, held_idx], fold_of_row[r, held_idx] = pred, k
             fold_gain[r, k] = macro_f1(y[held_idx], pred) - macro_f1(y[held_idx], plain[held_idx])

@@ -35,10 +35,12 @@ import os
 import re
 import time
 import warnings
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
-from typing import Sequence
+from typing import Callable, Sequence
 
 import numpy as np
 import optuna
@@ -416,6 +418,16 @@ def align_members(members: Sequence[tuple[str, Sequence, np.ndarray | None]]) ->
 # The whole calibration of one OOF bundle
 
 
+def _fit_inner_rule(fit_logits, fit_y, split: int, *, run_ids: list[str], n_trials: int, seed: int, verbosity: int,
+                    **options) -> Callable[[list], np.ndarray]:
+    """One search of the gain estimate (module level, so that worker processes can run it): the decoder
+    of its best rule. ``verbosity``: the caller's Optuna verbosity, which a worker process does not inherit."""
+    optuna.logging.set_verbosity(verbosity)
+    inner = run_study(CandidateScorer.from_logits(fit_logits, fit_y), n_trials=n_trials, seed=seed + 1 + split,
+                      show_progress=False, **options)
+    return inner.spec(run_ids).decode_logits
+
+
 @dataclass
 class CalibrationReport:
     """The search on all OOF rows, the estimate of what it gains on unseen rows, and the rule chosen:
@@ -451,28 +463,38 @@ class CalibrationReport:
 def calibrate_oof(logits_by_member: Sequence, y_true, *, run_ids: Sequence[str] | None = None,
                   data_digest: str = "", sampler: str = "tpe", n_trials: int = 2000, inner_n_trials: int = 500,
                   gate: bool = True, delta_bound: float = 3.0, n_splits: int = 5, n_repeats: int = 2, seed: int = 0,
-                  groups=None, storage=None, study_name: str = "calibration",
+                  groups=None, storage=None, study_name: str = "calibration", n_jobs: int = 1,
                   show_progress: bool = True) -> CalibrationReport:
     """Calibrate the ensemble of ``logits_by_member`` (aligned OOF logits, see :func:`align_members`)
     on all OOF rows; estimate what that gains over the plain blend on unseen rows by rerunning the
     search (``inner_n_trials`` trials) in ``n_repeats`` x ``n_splits`` record-level folds
     (:func:`psydef.calibration.estimate.estimate_gain`); keep the calibrated rule only when that gain
     is positive, the plain blend otherwise. ``groups`` (dialogue ids) makes those folds grouped: only to
-    measure what grouping does (``bench/calibration_estimate.py``)."""
+    measure what grouping does (``bench/calibration_estimate.py``).
+
+    ``n_jobs`` is how many processes work at once (-1: one per CPU): this one runs the main search while
+    ``n_jobs - 1`` worker processes run the estimate's searches. Every search is seeded on its own, so
+    the report is the same as with ``n_jobs=1``, where they all run here, one after the other."""
     scorer = CandidateScorer.from_logits(logits_by_member, y_true)
     m = scorer.n_members
     run_ids = list(run_ids) if run_ids is not None else [f"member_{i}" for i in range(m)]
     options = dict(sampler=sampler, gate=gate, delta_bound=delta_bound)
-    search = run_study(scorer, n_trials=n_trials, seed=seed, storage=storage, study_name=study_name,
-                       show_progress=show_progress, **options)
-
-    def fit(fit_logits, fit_y, split):
-        inner = run_study(CandidateScorer.from_logits(fit_logits, fit_y), n_trials=inner_n_trials,
-                          seed=seed + 1 + split, show_progress=False, **options)
-        return inner.spec(run_ids).decode_logits
-
-    estimate = estimate_gain(fit, logits_by_member, y_true, n_splits=n_splits, n_repeats=n_repeats, seed=seed,
-                             groups=groups)
+    fit = partial(_fit_inner_rule, run_ids=run_ids, n_trials=inner_n_trials, seed=seed,
+                  verbosity=optuna.logging.get_verbosity(), **options)
+    if n_jobs == 0 or n_jobs < -1:
+        raise ValueError(f"n_jobs must be -1 (one per CPU) or >= 1; got {n_jobs}.")
+    processes = (os.cpu_count() or 1 if n_jobs == -1 else n_jobs) - 1
+    estimating = partial(estimate_gain, fit, logits_by_member, y_true, n_splits=n_splits, n_repeats=n_repeats,
+                         seed=seed, groups=groups, processes=processes, show_progress=show_progress)
+    searching = partial(run_study, scorer, n_trials=n_trials, seed=seed, storage=storage, study_name=study_name,
+                        show_progress=show_progress, **options)
+    if processes == 0:
+        search, estimate = searching(), estimating()
+    else:
+        with ThreadPoolExecutor(max_workers=1) as pool:  # this thread only waits on the worker processes
+            estimate_future = pool.submit(estimating)
+            search = searching()
+            estimate = estimate_future.result()
     calibrated = estimate.gain > 0
     spec = search.spec(run_ids, data_digest) if calibrated else EnsembleSpec.plain(run_ids, data_digest=data_digest)
     pred = spec.decode_logits(logits_by_member)

@@ -290,6 +290,13 @@ class TuneConfig(Settings):
     study_name: str | None = setting(None, "Default: calibration-<member run id prefixes>.")
     inner_trials: int = setting(500, "Trials of each search rerun inside the estimate of the calibration's gain.",
                                ge=1)
+    n_jobs: int = setting(-1, "Processes at once: the main search in this one, the gain estimate's searches in the "
+                              "others (-1: one per CPU; 1: all here, one after the other). The result is the same.",
+                          ge=-1)
+
+    def check(self) -> None:
+        if self.n_jobs == 0:
+            raise ValueError("--n-jobs: 0 processes cannot run anything; give -1 (one per CPU) or a count >= 1")
 
 
 @dataclass(frozen=True)
@@ -326,6 +333,7 @@ class MainConfig(Settings):
     hyper: dict = _like(TrainConfig, "hyper")
     n_trials: int = _like(TuneConfig, "n_trials")
     inner_trials: int = _like(TuneConfig, "inner_trials")
+    n_jobs: int = _like(TuneConfig, "n_jobs")
     sampler: str = _like(TuneConfig, "sampler")
     gate: bool = _like(TuneConfig, "gate")
     model_name: str = _like(RegisterConfig, "name")
@@ -347,7 +355,7 @@ class MainConfig(Settings):
 
     def tune(self, train_runs: list[str]) -> TuneConfig:
         return TuneConfig(train_runs=tuple(train_runs), n_trials=self.n_trials, sampler=self.sampler, gate=self.gate,
-                          seed=self.seeds[0], inner_trials=self.inner_trials)
+                          seed=self.seeds[0], inner_trials=self.inner_trials, n_jobs=self.n_jobs)
 
     def register(self, tune_run: str) -> RegisterConfig:
         return RegisterConfig(tune_run=tune_run, name=self.model_name)

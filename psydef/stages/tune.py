@@ -160,7 +160,7 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
         try:
             report = calibrate_oof(oof.logits, oof.y, run_ids=run_ids, data_digest=oof.data_digest,
                                    sampler=sampler, n_trials=n_trials, inner_n_trials=inner_trials, gate=gate,
-                                   seed=seed, storage=storage, study_name=study)
+                                   seed=seed, storage=storage, study_name=study, n_jobs=config.n_jobs)
         finally:
             optuna.logging.set_verbosity(verbosity)
         estimate = report.estimate
