@@ -100,11 +100,12 @@ def load_adapters(paths: Sequence[str | Path]) -> list[Backbone]:
     by_name: dict[str, list[int]] = {}
     for i, meta in enumerate(metas):
         by_name.setdefault(meta["backbone"], []).append(i)
-    loaded: dict[int, Backbone] = {}
+    loaded: list[Backbone | None] = [None] * len(paths)
     for name, index in by_name.items():
         backbones = backbone_class(name).load_many([paths[i] for i in index], [metas[i]["config"] for i in index])
-        loaded.update(zip(index, backbones, strict=True))
-    return [loaded[i] for i in range(len(paths))]
+        for i, backbone in zip(index, backbones, strict=True):
+            loaded[i] = backbone
+    return loaded
 
 
 def load_adapter(path: str | Path) -> Backbone:
