@@ -6,7 +6,7 @@
     python bench/calibration_estimate.py --train-runs A,B --tracking-uri sqlite:///mlflow.db
 
 Each of ``--halvings`` random record-level halvings of the OOF rows (stratified by label) is one trial
-of what tune does: on half A, :func:`psydef.calibration.study.calibrate_oof` searches the rule and
+of what tune does: on half A, :func:`psydef.calibration.calibrate.calibrate_oof` searches the rule and
 estimates its gain over the plain blend (equal weights, delta 0, no gate); the searched rule and the plain
 blend are then scored on half B, the realised gain. Prints one row per halving and the mean and standard
 deviation of (estimated - realised) gain, for the estimator and for the in-sample gain beside it.
@@ -27,9 +27,10 @@ import optuna
 from sklearn.model_selection import train_test_split
 
 from psydef import tracking
+from psydef.calibration import SAMPLERS
+from psydef.calibration.calibrate import calibrate_oof
 from psydef.calibration.rule import plain_decode
 from psydef.calibration.score import macro_f1
-from psydef.calibration.study import SAMPLERS, calibrate_oof
 
 SEEDS = (42, 20260407)
 

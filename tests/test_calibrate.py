@@ -8,6 +8,8 @@ from sklearn.metrics import f1_score
 from psydef.calibration.estimate import estimate_gain
 from psydef.calibration.rule import DECODE_RULE, EnsembleSpec, blend, plain_decode, simplex_weights, softmax
 from psydef.calibration.score import CandidateScorer, macro_f1, per_class_f1
+from psydef.calibration.validation import (check_deltas, check_labels, check_logits, check_member_logits,
+                                           check_member_probs, check_probs, check_tau7s, check_weights)
 from psydef.core.labels import LABEL_NAMES
 
 OFFICIAL = list(range(1, 9))
@@ -321,3 +323,32 @@ def test_ensemble_spec_refuses_inconsistent_files():
         EnsembleSpec.from_dict({**good, "temperature": 2.0})
     with pytest.raises(ValueError, match="Expected logits of 1 members"):
         EnsembleSpec.from_dict(good).decode_logits([np.zeros((3, 9))] * 2)
+
+
+UNIFORM = np.full((2, 9), 1 / 9)
+
+
+@pytest.mark.parametrize("call, match", [
+    (lambda: check_logits(np.zeros((2, 8)), "oof logits"), r"^oof logits must have shape \(n_rows, 9\)"),
+    (lambda: check_logits(np.zeros((2, 9)), "oof logits", n_rows=3), "^oof logits has 2 rows; expected 3"),
+    (lambda: check_logits(np.full((2, 9), np.nan), "oof logits"), "^oof logits contains NaN"),
+    (lambda: check_probs(UNIFORM * 2, "test probs"), "^test probs must hold probabilities"),
+    (lambda: check_labels([0, 9], "y_true"), r"^y_true must hold levels 0..8; got values in \[0, 9\]"),
+    (lambda: check_labels([0.5], "y_true"), "^y_true must hold integer labels"),
+    (lambda: check_weights([0.7, 0.7], 2, "member weights"), "^member weights must lie on the simplex"),
+    (lambda: check_weights([1.0], 2, "member weights"), "^member weights must have 2 entries"),
+    (lambda: check_deltas(np.zeros((1, 8)), 1, "delta"), r"^delta must have shape \(1, 9\)"),
+    (lambda: check_tau7s([1.5], 1, "tau7"), r"^tau7 must lie in \(0, 1\]"),
+    (lambda: check_member_logits([np.zeros((2, 9)), np.zeros((3, 9))]), "^logits of member 1 has 3 rows; expected 2"),
+    (lambda: check_member_probs([UNIFORM, UNIFORM[:, :8]]), "^probabilities of member 1 must have shape"),
+    (lambda: check_member_logits([]), "At least one member"),
+])
+def test_each_check_names_its_input(call, match):
+    with pytest.raises(ValueError, match=match):
+        call()
+
+
+def test_checks_return_float64_and_int64_arrays():
+    assert check_logits([[0] * 9]).dtype == np.float64 and check_labels(np.array([1, 2], np.int8)).dtype == np.int64
+    assert check_tau7s(None, 3) is None
+    assert check_member_probs([UNIFORM, UNIFORM]).shape == (2, 2, 9)

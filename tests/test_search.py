@@ -6,7 +6,9 @@ from optuna.trial import TrialState
 
 from psydef.calibration.rule import EnsembleSpec, plain_decode
 from psydef.calibration.score import CandidateScorer, macro_f1
-from psydef.calibration.study import SearchSpace, align_members, calibrate_oof, load_study, run_study
+from psydef.calibration.calibrate import calibrate_oof
+from psydef.calibration.storage import load_study, parse_storage
+from psydef.calibration.study import SearchSpace, align_members, complete_trials, run_study
 from tests.fixtures.fake_runs import oof_problem as problem, two_tuners_on_one_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -71,7 +73,7 @@ def test_study_best_value_is_what_the_spec_decodes(sampler):
     logits, y, _ = problem(1)
     result = run_study(CandidateScorer.from_logits(logits, y), n_trials=40, sampler=sampler, seed=3,
                        show_progress=False)
-    complete = result.study.get_trials(states=(TrialState.COMPLETE,))
+    complete = complete_trials(result.study)
     assert len(complete) == len(result.study.trials) == 40 == result.n_new_trials
     assert result.best_value == max(t.value for t in complete)
     assert result.best_so_far()[-1] == result.best_value and len(result.trials_dataframe()) == 40
@@ -128,6 +130,14 @@ def test_storage_addresses_are_validated():
             run_study(scorer(n=20), n_trials=1, storage=bad, show_progress=False)
     with pytest.raises(ValueError, match="Unknown sampler"):
         run_study(scorer(n=20), n_trials=1, sampler="grid", show_progress=False)
+
+
+def test_storage_messages_mask_the_password():
+    with pytest.raises(ValueError, match=r"'postgresql://tuner:\*\*\*@db/optuna'") as err:
+        parse_storage("postgresql://tuner:s3cret@db/optuna")
+    assert "s3cret" not in str(err.value)
+    assert parse_storage("postgresql+psycopg2://tuner@db/optuna") == ("postgresql", "postgresql+psycopg2://tuner@db/optuna")
+    assert parse_storage("journal://x.log") == ("journal", "x.log") and parse_storage(None) is None
 
 
 class FailingScorer(CandidateScorer):

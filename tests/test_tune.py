@@ -15,7 +15,7 @@ from mlflow import MlflowClient
 from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
 from psydef.calibration.score import macro_f1
-from psydef.calibration.study import load_study
+from psydef.calibration.storage import load_study
 from psydef.stages import tune as tune_stage
 from psydef.stages.config import TuneConfig
 from psydef.stages.tune import load_oof, pick_train_runs

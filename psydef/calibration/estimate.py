@@ -7,18 +7,14 @@ optimistic. :func:`estimate_gain` reruns the whole fitting procedure (the search
 splits of the records, stratified by label, and compares each fitted rule with the plain blend on the fold
 it never saw.
 
-Design, measured by ``bench/calibration_estimate.py`` (figures in the README's benchmarks section): over 10
-record-level halvings of real OOF logits, search and estimate on one half, score on the other.
+Design (``bench/calibration_estimate.py`` measures it; its figures are in the README's benchmarks section):
 
 * Paired per fold, then averaged: the gain on a fold is the fitted rule's macro-F1 minus the plain blend's,
-  both on that fold's rows. Pooling the folds' predictions into one macro-F1 instead (what the former
-  nested estimate did) scores a mixture of five different rules, whose errors partly cancel like an
-  ensemble's: it overstated the realised gain by 0.016 on average, about as much as the in-sample gain
-  (0.018-0.021), while the paired per-fold gain was within 0.002. The pairing also cancels most of the
-  small-sample bias of macro-F1 on a fifth of the rows (level 8 has a handful there).
-* Record-level folds, like the halvings and like the official test split, which shares its dialogues
-  with train. Dialogue-grouped folds gave the same mean error on these logits with the paired gain
-  (+0.0012 against +0.0011); the pooling, not the grouping, is what the measurement found biased.
+  both on that fold's rows. Pooling the folds' predictions into one macro-F1 instead would score a mixture
+  of several rules, whose errors partly cancel like an ensemble's, and overstate the gain. The pairing also
+  cancels most of the small-sample bias of macro-F1 on a fifth of the rows (level 8 has a handful there).
+* Record-level folds, like the official test split, which shares its dialogues with train; ``groups``
+  makes them dialogue-grouped, to measure what grouping does.
 * Repeated with fresh splits (and fresh search seeds) and averaged, for a lower variance.
 """
 from __future__ import annotations
@@ -33,8 +29,9 @@ import numpy as np
 from sklearn.model_selection import StratifiedGroupKFold, StratifiedKFold
 from tqdm.auto import tqdm
 
-from psydef.calibration.rule import _check_labels, _check_members, plain_decode
+from psydef.calibration.rule import plain_decode
 from psydef.calibration.score import macro_f1
+from psydef.calibration.validation import check_labels, check_member_logits
 
 
 @dataclass(frozen=True)
@@ -84,9 +81,9 @@ def estimate_gain(fit_fn: FitFn, logits_by_member: Sequence, y_true, *, n_splits
     The fits are independent: ``processes`` >= 1 runs them in that many spawned worker processes
     (``fit_fn`` and its decoders must then pickle), with the same result as ``processes=0``, where they
     run in this process one after the other."""
-    logits = _check_members(logits_by_member)
+    logits = check_member_logits(logits_by_member)
     n = logits[0].shape[0]
-    y = _check_labels(y_true, "y_true", n)
+    y = check_labels(y_true, "y_true", n)
     if n_repeats < 1:
         raise ValueError(f"n_repeats must be >= 1; got {n_repeats}.")
     if groups is not None:
@@ -119,7 +116,7 @@ def estimate_gain(fit_fn: FitFn, logits_by_member: Sequence, y_true, *, n_splits
         decoders = pool.map(fit_fn, *fit_args) if processes else map(fit_fn, *fit_args)
         for (r, k, _, held_idx), decoder in tqdm(zip(splits, decoders), total=len(splits), desc="gain estimate",
                                                   unit="search", disable=not show_progress):
-            pred = _check_labels(decoder([x[held_idx] for x in logits]), "decoder output", len(held_idx))
+            pred = check_labels(decoder([x[held_idx] for x in logits]), "decoder output", len(held_idx))
             predictions[r, held_idx], fold_of_row[r, held_idx] = pred, k
             fold_gain[r, k] = macro_f1(y[held_idx], pred) - macro_f1(y[held_idx], plain[held_idx])
     return GainEstimate(plain_f1=macro_f1(y, plain), fold_gain=fold_gain, predictions=predictions,

@@ -23,6 +23,8 @@ from typing import Sequence
 
 import numpy as np
 
+from psydef.calibration.validation import (check_deltas, check_logits, check_member_logits, check_member_probs,
+                                           check_tau7s, check_weights)
 from psydef.core.labels import HIGH_ADAPTIVE, LABEL_NAMES, N_LEVELS
 
 # The name of the objective every calibration here maximises: sklearn's
@@ -31,86 +33,13 @@ OBJECTIVE = "macro_f1_levels_1_8"
 # Written into every EnsembleSpec; a file written for another rule is refused.
 DECODE_RULE = "p=sum_m w_m softmax(logits_m); 7 if tau7 is set and p_7>=tau7; else argmax_c log p_c+delta_c"
 
-_WEIGHT_ATOL = 1e-9
-_PROB_ATOL = 1e-6
-
-# ---------------------------------------------------------------------------------------------
-# Validation
-
-
-def _check_matrix(x, name: str, n_rows: int | None = None) -> np.ndarray:
-    """A finite float64 (n, 9) array."""
-    x = np.asarray(x, dtype=np.float64)
-    if x.ndim != 2 or x.shape[1] != N_LEVELS:
-        raise ValueError(f"{name} must have shape (n_rows, {N_LEVELS}); got shape {x.shape}.")
-    if n_rows is not None and x.shape[0] != n_rows:
-        raise ValueError(f"{name} has {x.shape[0]} rows; expected {n_rows}.")
-    if not np.isfinite(x).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
-    return x
-
-
-def _check_probs(p, name: str, n_rows: int | None = None) -> np.ndarray:
-    p = _check_matrix(p, name, n_rows)
-    if (p < 0).any() or not np.allclose(p.sum(axis=1), 1.0, rtol=0, atol=_PROB_ATOL):
-        raise ValueError(f"{name} must hold probabilities: non-negative rows summing to 1.")
-    return p
-
-
-def _check_labels(y, name: str, n_rows: int | None = None) -> np.ndarray:
-    y = np.asarray(y)
-    if y.ndim != 1:
-        raise ValueError(f"{name} must be 1-D; got shape {y.shape}.")
-    if y.size and not np.issubdtype(y.dtype, np.integer):
-        raise ValueError(f"{name} must hold integer labels; got dtype {y.dtype}.")
-    y = y.astype(np.int64)
-    if n_rows is not None and y.shape[0] != n_rows:
-        raise ValueError(f"{name} has {y.shape[0]} entries; expected {n_rows}.")
-    if y.size and (y.min() < 0 or y.max() >= N_LEVELS):
-        raise ValueError(f"{name} must hold levels 0..{N_LEVELS - 1}; got values in [{y.min()}, {y.max()}].")
-    return y
-
-
-def _check_weights(w, n_members: int, name: str = "weights") -> np.ndarray:
-    """(k, n_members) rows on the probability simplex (a 1-D array is one row)."""
-    w = np.asarray(w, dtype=np.float64)
-    rows = np.atleast_2d(w)
-    if w.ndim > 2 or rows.shape[1] != n_members:
-        raise ValueError(f"{name} must have {n_members} entries per candidate (one per member); got shape {w.shape}.")
-    on_simplex = np.isclose(rows.sum(axis=1), 1.0, rtol=0, atol=_WEIGHT_ATOL).all()
-    if not np.isfinite(rows).all() or (rows < 0).any() or not on_simplex:
-        raise ValueError(f"{name} must lie on the simplex (non-negative, summing to 1); got {w.tolist()}.")
-    return w
-
-
-def _check_deltas(d, k: int | None = None, name: str = "deltas") -> np.ndarray:
-    d = np.asarray(d, dtype=np.float64)
-    if d.ndim != 2 or d.shape[1] != N_LEVELS or (k is not None and d.shape[0] != k):
-        expected = f"({k if k is not None else 'k'}, {N_LEVELS})"
-        raise ValueError(f"{name} must have shape {expected}; got {d.shape}.")
-    if not np.isfinite(d).all():
-        raise ValueError(f"{name} contains NaN or infinite values.")
-    return d
-
-
-def _check_tau7s(t, k: int) -> np.ndarray | None:
-    if t is None:
-        return None
-    t = np.asarray(t, dtype=np.float64)
-    if t.shape != (k,):
-        raise ValueError(f"tau7s must have shape ({k},) (one threshold per candidate) or be None; got {t.shape}.")
-    if not ((t > 0) & (t <= 1)).all():
-        raise ValueError("tau7 thresholds must lie in (0, 1].")
-    return t
-
-
 # ---------------------------------------------------------------------------------------------
 # The decision rule
 
 
 def softmax(logits) -> np.ndarray:
     """Row-wise softmax of (n, 9) logits, in float64, stable for any finite logits."""
-    z = _check_matrix(logits, "logits")
+    z = check_logits(logits, "logits")
     e = np.exp(z - z.max(axis=1, keepdims=True))
     return e / e.sum(axis=1, keepdims=True)
 
@@ -155,38 +84,20 @@ def _decide(probs: np.ndarray, deltas: np.ndarray, tau7s: np.ndarray | None) -> 
 def blend(logits_by_member: Sequence, weights) -> np.ndarray:
     """``sum_m w_m softmax(logits_m)``: (n, 9) probabilities from the members' (n, 9) logits."""
     member_probs = _member_probs(logits_by_member)
-    w = _check_weights(weights, len(member_probs))
+    w = check_weights(weights, len(member_probs))
     if w.ndim != 1:
         raise ValueError(f"weights must be 1-D (one per member); got shape {w.shape}.")
     return _blend(member_probs, w[None])[0]
 
 
-def _check_members(logits_by_member: Sequence) -> list[np.ndarray]:
-    """Each member's logits as a finite float64 (n, 9) array, the same n for all."""
-    if len(logits_by_member) == 0:
-        raise ValueError("At least one member's logits are needed.")
-    first = _check_matrix(logits_by_member[0], "logits of member 0")
-    return [first] + [_check_matrix(x, f"logits of member {i}", first.shape[0])
-                      for i, x in enumerate(logits_by_member[1:], start=1)]
-
-
 def _member_probs(logits_by_member: Sequence) -> np.ndarray:
-    return np.stack([softmax(x) for x in _check_members(logits_by_member)])
+    return np.stack([softmax(x) for x in check_member_logits(logits_by_member)])
 
 
 def fold_mean_probs(logits_by_fold: Sequence) -> np.ndarray:
     """A member's (n, 9) probabilities from its fold models' logits for the same rows: the mean over
     folds of softmax(logits)."""
     return _member_probs(logits_by_fold).mean(axis=0)
-
-
-def _check_member_probs(member_probs: Sequence) -> np.ndarray:
-    """The members' probabilities as one (m, n, 9) float64 array."""
-    if len(member_probs) == 0:
-        raise ValueError("At least one member's probabilities are needed.")
-    first = _check_probs(member_probs[0], "probabilities of member 0")
-    return np.stack([first] + [_check_probs(p, f"probabilities of member {i}", first.shape[0])
-                               for i, p in enumerate(member_probs[1:], start=1)])
 
 
 def plain_decode(logits_by_member: Sequence) -> np.ndarray:
@@ -222,10 +133,10 @@ class EnsembleSpec:
         self.members = [{"run_id": str(m["run_id"]), "weight": float(m["weight"])} for m in self.members]
         if not self.members:
             raise ValueError("An EnsembleSpec needs at least one member.")
-        _check_weights(self.weights, len(self.members), "member weights")
-        self.delta = [float(x) for x in _check_deltas(np.asarray(self.delta, dtype=np.float64)[None], 1, "delta")[0]]
+        check_weights(self.weights, len(self.members), "member weights")
+        self.delta = [float(x) for x in check_deltas(np.asarray(self.delta, dtype=np.float64)[None], 1, "delta")[0]]
         if self.tau7 is not None:
-            self.tau7 = float(_check_tau7s([self.tau7], 1)[0])
+            self.tau7 = float(check_tau7s([self.tau7], 1, "tau7")[0])
         self.label_names = list(self.label_names)
         if tuple(self.label_names) != LABEL_NAMES:
             raise ValueError(f"label_names {self.label_names} differ from this code's levels {list(LABEL_NAMES)}.")
@@ -256,7 +167,7 @@ class EnsembleSpec:
         """The blended (n, 9) probabilities from the members' (n, 9) probabilities (e.g. each
         member's :func:`fold_mean_probs`), given in the order of ``members``."""
         self._check_count(member_probs, "probabilities")
-        return _blend(_check_member_probs(member_probs), self.weights[None])[0]
+        return _blend(check_member_probs(member_probs), self.weights[None])[0]
 
     def decode_probs(self, member_probs: Sequence) -> np.ndarray:
         """Labels (n,) from the members' (n, 9) probabilities, given in the order of ``members``."""

@@ -6,13 +6,12 @@ from typing import Sequence
 
 import numpy as np
 
-from psydef.calibration.rule import (_blend, _check_deltas, _check_labels, _check_probs, _check_tau7s, _check_weights,
-                                     _decide, _member_probs)
+from psydef.calibration.rule import _blend, _decide, _member_probs
+from psydef.calibration.validation import check_deltas, check_labels, check_member_probs, check_tau7s, check_weights
 from psydef.core.labels import N_LEVELS, OFFICIAL_LABELS
 
 _SCORED = np.asarray(OFFICIAL_LABELS)
-# Small chunks keep the temporaries in cache: ~0.7 MiB each (5 candidates of 1,870 rows) scored twice
-# as fast as ~1.4 MiB each on the development machine.
+# Small chunks keep the (chunk, n, 9) temporaries in the CPU cache.
 DEFAULT_CHUNK_BYTES = 2 * 2**20
 
 # ---------------------------------------------------------------------------------------------
@@ -42,8 +41,8 @@ def _official_mean(f1: np.ndarray) -> np.ndarray:
 
 def per_class_f1(y_true, y_pred) -> np.ndarray:
     """F1 of each of the 9 levels (0 where a level is neither true nor predicted)."""
-    y = _check_labels(y_true, "y_true")
-    p = _check_labels(y_pred, "y_pred", len(y))
+    y = check_labels(y_true, "y_true")
+    p = check_labels(y_pred, "y_pred", len(y))
     return _f1_from_predictions(y, p[None])[0]
 
 
@@ -64,17 +63,13 @@ class CandidateScorer:
     ``max_chunk_bytes``: memory is bounded whatever the number of candidates."""
 
     def __init__(self, member_probs: Sequence, y_true, *, max_chunk_bytes: int = DEFAULT_CHUNK_BYTES):
-        if len(member_probs) == 0:
-            raise ValueError("At least one member's probabilities are needed.")
-        first = _check_probs(member_probs[0], "probabilities of member 0")
-        self.member_probs = np.stack([first] + [
-            _check_probs(p, f"probabilities of member {i}", first.shape[0])
-            for i, p in enumerate(member_probs[1:], start=1)])
-        self.y_true = _check_labels(y_true, "y_true", first.shape[0])
+        self.member_probs = check_member_probs(member_probs)
+        n_rows = self.member_probs.shape[1]
+        self.y_true = check_labels(y_true, "y_true", n_rows)
         if max_chunk_bytes <= 0:
             raise ValueError("max_chunk_bytes must be positive.")
         # Three float64 (chunk, n, 9) temporaries are alive at once: blend, biased scores, argmax.
-        self.chunk_size = max(1, int(max_chunk_bytes) // (3 * 8 * N_LEVELS * max(1, first.shape[0])))
+        self.chunk_size = max(1, int(max_chunk_bytes) // (3 * 8 * N_LEVELS * max(1, n_rows)))
 
     @classmethod
     def from_logits(cls, logits_by_member: Sequence, y_true, **kwargs) -> "CandidateScorer":
@@ -85,9 +80,9 @@ class CandidateScorer:
         return self.member_probs.shape[0]
 
     def _validate(self, weights, deltas, tau7s):
-        w = np.atleast_2d(_check_weights(weights, self.n_members))
-        d = _check_deltas(deltas, w.shape[0])
-        return w, d, _check_tau7s(tau7s, w.shape[0])
+        w = np.atleast_2d(check_weights(weights, self.n_members))
+        d = check_deltas(deltas, w.shape[0])
+        return w, d, check_tau7s(tau7s, w.shape[0])
 
     def predict(self, weights, deltas, tau7s=None) -> np.ndarray:
         """(k, n) labels of k candidates; holds k x n labels, so meant for small k."""

@@ -3,7 +3,7 @@
 Nothing is trained or recomputed: each member's OOF ids and logits are downloaded from its ``train``
 parent run, the labels and dialogues of those ids from the ``folds.csv`` of its prepare run. The
 search, the estimate of its gain on unseen rows and the choice between the calibrated rule and the plain
-blend are :func:`psydef.calibration.study.calibrate_oof`'s; this module fetches, aligns, calls and logs the
+blend are :func:`psydef.calibration.calibrate.calibrate_oof`'s; this module fetches, aligns, calls and logs the
 outcome in a ``tune`` run: the OOF macro-F1s and the estimated gain, the choice (tag ``psydef.calibration``)
 and why (the run description), the chosen rule's per-level F1, ``ensemble.json`` (the chosen
 :class:`~psydef.calibration.rule.EnsembleSpec`), the trials and the plots.
@@ -21,7 +21,8 @@ import pandas as pd
 from mlflow.exceptions import MlflowException
 
 from psydef import tracking
-from psydef.calibration.study import align_members, calibrate_oof
+from psydef.calibration.calibrate import calibrate_oof
+from psydef.calibration.study import align_members
 from psydef.core.metrics import plot_confusion_matrix
 from psydef.stages.config import TuneConfig
 from psydef.stages.prepare import load_folds
