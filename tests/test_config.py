@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 
 from entrypoints.cli import cli
 from psydef.stages import config
-from psydef.stages.config import (MainConfig, PredictConfig, PrepareConfig, TrainConfig, TuneConfig, base_type,
-                                  option_name)
+from psydef.settings import base_type, option_name
+from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, TrainConfig, TuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare": config.PrepareConfig, "train": config.TrainConfig, "aggregate": config.AggregateConfig,
