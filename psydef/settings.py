@@ -1,13 +1,16 @@
 """The settings framework: a dataclass field declared with :func:`setting` carries its help text,
-its bounds (``ge``/``gt``/``le``) and its choices; :class:`Settings` checks every field on
-construction, parses and spells the command-line text, and gives the run's params. The stage
-configs (:mod:`psydef.stages.config`) and the backbones' hyper-parameters are declared with it.
+its bounds (``ge``/``gt``/``le``/``lt``) and its choices; :func:`check_fields` checks every field of
+a dataclass against them. :class:`Settings` (the stage configs, :mod:`psydef.stages.config`) checks
+on construction, parses and spells the command-line text and gives the run's params; the backbones
+declare their hyper-parameters with :func:`setting` too, check them in ``__post_init__`` and
+:func:`check_hyper` checks ``--hyper`` values against the same declarations before anything runs.
 
 Nothing heavy is imported at module level: ``psydef --help`` reads these classes.
 """
 import dataclasses
 import importlib
 import json
+import math
 import types
 import typing
 from dataclasses import field
@@ -15,14 +18,15 @@ from pathlib import Path
 
 
 def setting(default=dataclasses.MISSING, help: str = "", *, choices: str | None = None, ge=None, gt=None, le=None,
-            none: str = "", parse=None, spell=None, input_path: bool = False):
+            lt=None, unbounded: str = "", none: str = "", parse=None, spell=None, input_path: bool = False):
     """A field with its help text; ``choices`` names a tuple as ``module:NAME`` (imported when
-    checked, so that ``--help`` stays fast); ``ge``/``gt``/``le`` bound numbers; ``none`` is how
-    the CLI and MLproject spell ``None``; ``parse``/``spell`` convert the CLI text of a
-    non-scalar setting (a mapping, a list) and back; ``input_path`` marks a file or folder that
-    is read (MLproject type ``path``, which MLflow checks exists)."""
-    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "none": none,
-                "parse": parse, "spell": spell, "input_path": input_path}
+    checked, so that ``--help`` stays fast); ``ge``/``gt``/``le``/``lt`` bound numbers
+    (``unbounded`` says why a number has no bound); ``none`` is how the CLI and MLproject spell
+    ``None``; ``parse``/``spell`` convert the CLI text of a non-scalar setting (a mapping, a list)
+    and back; ``input_path`` marks a file or folder that is read (MLproject type ``path``, which
+    MLflow checks exists)."""
+    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "lt": lt, "unbounded": unbounded,
+                "none": none, "parse": parse, "spell": spell, "input_path": input_path}
     if isinstance(default, (dict, list)):
         return field(default_factory=lambda: type(default)(default), metadata=metadata)
     return field(default=default, metadata=metadata)
@@ -57,13 +61,16 @@ def _check_value(where: str, kind, value, meta: dict):
     elif origin is float:
         ok = isinstance(value, (int, float)) and not isinstance(value, bool)
         value = float(value) if ok else value
+        if ok and not math.isfinite(value):
+            raise ValueError(f"{where}: must be a finite number, got {value!r}")
     elif origin is Path:
         ok = isinstance(value, (str, Path))
         value = Path(value) if ok else value
     elif origin is tuple:
         item = typing.get_args(kind)[0]
         ok = isinstance(value, (tuple, list))
-        value = tuple(_check_value(f"{where} item", item, v, {}) for v in value) if ok else value
+        if ok:  # the bounds and choices hold for each item
+            return tuple(_check_value(f"{where} item", item, v, meta) for v in value)
     elif origin is dict:
         ok = isinstance(value, dict)
     else:
@@ -76,22 +83,31 @@ def _check_value(where: str, kind, value, meta: dict):
         raise ValueError(f"{where}: must be > {meta['gt']}, got {value!r}")
     if meta.get("le") is not None and value > meta["le"]:
         raise ValueError(f"{where}: must be <= {meta['le']}, got {value!r}")
+    if meta.get("lt") is not None and value >= meta["lt"]:
+        raise ValueError(f"{where}: must be < {meta['lt']}, got {value!r}")
     if meta.get("choices") and value not in (choices := resolve_choices(meta["choices"])):
         raise ValueError(f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")
     return value
+
+
+def check_fields(obj, where) -> None:
+    """Every field of dataclass instance ``obj`` checked against its type and the bounds and choices
+    its :func:`setting` declares, and set to its canonical form; ``where(name)`` names a field in
+    the messages."""
+    hints = typing.get_type_hints(type(obj))
+    for f in dataclasses.fields(obj):
+        value = getattr(obj, f.name)
+        kind, optional = base_type(hints[f.name])
+        if value is None and optional:
+            continue
+        object.__setattr__(obj, f.name, _check_value(where(f.name), kind, value, f.metadata))
 
 
 class Settings:
     """What the stage configs share: checking on construction, CLI parsing and spelling, params."""
 
     def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind, optional = base_type(hints[f.name])
-            if value is None and optional:
-                continue
-            object.__setattr__(self, f.name, _check_value(option_name(f.name), kind, value, f.metadata))
+        check_fields(self, option_name)
         self.check()
 
     def check(self) -> None:
@@ -163,19 +179,21 @@ def spell_hyper(hyper: dict) -> str:
     return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hyper.items())
 
 
-def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = None, option: str = "--hyper") -> dict:
-    """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, and the
-    bounds a field declares in its metadata (``ge``, ``gt``, ``le``, as :func:`setting` writes them) or
-    ``bounds`` gives by name; the model is not built. Returns ``hyper`` in canonical form. ``option``
-    is the command-line option the values came from, for the messages."""
+def check_hyper(backbone: str, hyper: dict, options: dict[str, str] | None = None) -> dict:
+    """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, the
+    bounds and choices each field declares (:func:`setting`), and the backbone's checks across
+    fields (its ``__post_init__``, run on an untrained twin: no model is loaded). Returns ``hyper``
+    in canonical form. ``options`` names the command-line option a key came from when it is not
+    ``--hyper`` (``epochs`` from ``--epochs``), for the messages."""
     from psydef.backbones import backbone_class
 
+    options = options or {}
     cls = backbone_class(backbone)
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(hyper) - set(known))
     if unknown:
-        raise ValueError(f"{option}: unknown hyper-parameter(s) {', '.join(unknown)} for backbone {backbone}; "
-                         f"valid: {', '.join(known)}")
+        raise ValueError(f"{options.get(unknown[0], '--hyper')}: unknown hyper-parameter(s) {', '.join(unknown)} "
+                         f"for backbone {backbone}; valid: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     checked = {}
     for key, value in hyper.items():
@@ -185,7 +203,9 @@ def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = Non
             continue
         if kind is str and not isinstance(value, str):
             value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
-        declared = {k: v for k, v in known[key].metadata.items() if k in ("ge", "gt", "le", "choices")}
-        where = f"{option} {key}" if option == "--hyper" else option
-        checked[key] = _check_value(where, kind, value, {**declared, **(bounds or {}).get(key, {})})
+        checked[key] = _check_value(options.get(key, f"--hyper {key}"), kind, value, known[key].metadata)
+    try:
+        cls(**checked)
+    except ValueError as err:
+        raise ValueError(f"--hyper: {err}") from None
     return checked

@@ -16,6 +16,7 @@ from psydef import tracking
 from psydef.settings import Settings, check_hyper, option_name, parse_hyper, setting, spell_hyper
 
 DATA_DIR = Path("data/psydefconv")
+MAX_SEED = 2**32 - 1  # numpy's RandomState (sklearn's folds, Optuna's samplers) takes seeds in [0, 2**32)
 
 
 def _like(config: type, name: str, **changes):
@@ -29,7 +30,7 @@ def _like(config: type, name: str, **changes):
 @dataclass(frozen=True)
 class PrepareConfig(Settings):
     data_dir: Path = setting(DATA_DIR, "Folder with train.json and optionally test.json.", input_path=True)
-    seed: int = setting(42, "Seed of the augmentation and of the fold assignment.")
+    seed: int = setting(42, "Seed of the augmentation and of the fold assignment.", ge=0, le=MAX_SEED)
     n_splits: int = setting(5, "Number of cross-validation folds.", ge=2)
     group_by: str = setting("dialogue", "dialogue: honest for new conversations; utterance: mirrors the "
                                         "record-level test split.", choices="psydef.core.folds:GROUP_BY")
@@ -38,7 +39,7 @@ class PrepareConfig(Settings):
 @dataclass(frozen=True)
 class TrainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir")
-    seed: int = setting(42, "Training seed.")
+    seed: int = setting(42, "Training seed.", ge=0, le=MAX_SEED)
     prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: run prepare first).")
     backbone: str = setting("auto", "auto = qwen3-8b-qlora when CUDA is available, else minilm.",
                             choices="psydef.backbones:CHOICES")
@@ -73,14 +74,8 @@ class TrainConfig(Settings):
 
         if self.model is not None and "model" in {f.name for f in dataclasses.fields(backbone_class(name))}:
             extra["model"] = self.model
-        checked = check_hyper(name, self.hyper, BOUNDS_BY_NAME)
-        for key, value in extra.items():  # each named by its own option: --epochs, --learning-rate, --model
-            checked |= check_hyper(name, {key: value}, BOUNDS_BY_NAME, option=option_name(key))
-        return checked
-
-
-# --epochs and --learning-rate are shortcuts for --hyper epochs=... and learning_rate=...: the same bounds
-BOUNDS_BY_NAME = {f.name: f.metadata for f in dataclasses.fields(TrainConfig) if f.name in ("epochs", "learning_rate")}
+        # each of --epochs, --learning-rate, --model named by its own option in the messages
+        return check_hyper(name, {**self.hyper, **extra}, options={key: option_name(key) for key in extra})
 
 
 @dataclass(frozen=True)
@@ -100,7 +95,7 @@ class TuneConfig(Settings):
                                   "total).", ge=1)
     sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
     gate: bool = setting(True, "Search the level-7 confidence gate tau7 as well (true/false).")
-    seed: int = setting(0, "Sampler seed; give each parallel tune its own.")
+    seed: int = setting(0, "Sampler seed; give each parallel tune its own.", ge=0, le=MAX_SEED)
     storage: str | None = setting(None, "Optuna storage: sqlite:///optuna.db or a journal file (path.journal); "
                                         "default: in memory.")
     study_name: str | None = setting(None, "Default: calibration-<member run id prefixes>.")
@@ -143,7 +138,7 @@ class PredictConfig(Settings):
 class MainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir", help="Folder with train.json and test.json.")
     seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated training seeds (the first also prepares "
-                                                     "and tunes).")
+                                                     "and tunes).", ge=0, le=MAX_SEED)
     backbone: str = _like(TrainConfig, "backbone")
     model: str | None = _like(TrainConfig, "model")
     hyper: dict = _like(TrainConfig, "hyper")
