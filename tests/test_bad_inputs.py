@@ -49,6 +49,12 @@ DATA_DEFECTS = {
                                r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
     "whitespace-only target": (_edit_record(lambda r, _: (r.update(current_text=" \t"), r["dialogue"][-1].update(text=" \t"))),
                                r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
+    "zero-width target": (_edit_record(lambda r, _: (r.update(current_text="\u200b\u200b"),
+                                                     r["dialogue"][-1].update(text="\u200b\u200b"))),
+                          r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace or "
+                          r"invisible characters \(U\+200B U\+200B\)"),
+    "last turn the supporter's": (_edit_record(lambda r, _: r["dialogue"][-1].update(speaker="supporter")),
+                                  r": record 3 \(id '\w+_00003'\): field 'dialogue' ends with a supporter turn"),
     "an utterance over the size limit": (_edit_record(lambda r, _: r["dialogue"][0].update(text="x" * 10_001)),
                                          r": record 3 \(id '\w+_00003'\): the length of dialogue turn 0 \(characters\) "
                                          r"is 10,001, over the limit of 10,000 \(set PSYDEF_MAX_UTTERANCE_CHARS"),
