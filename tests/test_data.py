@@ -51,8 +51,9 @@ def test_bad_records_are_refused_naming_file_record_and_field(tmp_path, change, 
 
 @pytest.mark.parametrize("text", ["", " \t\n", "\u200b", "\u200b\u200c\u200d", "\u2060\ufeff", "\u00a0\u3000\u200b",
                                   "\x00\x1f", "\u00ad\u2061"],
-                         ids=["empty", "whitespace", "zero-width space", "zero-width (non-)joiners", "word joiner and BOM",
-                              "no-break and ideographic spaces", "control characters", "soft hyphen, invisible operator"])
+                         ids=["empty", "whitespace", "zero-width space", "zero-width (non-)joiners",
+                              "word joiner and BOM", "no-break and ideographic spaces", "control characters",
+                              "soft hyphen, invisible operator"])
 def test_a_target_without_a_visible_character_is_refused(tmp_path, text):
     """The same check guards training data, test data and serving requests (validate_records)."""
     records = official_records(2)
