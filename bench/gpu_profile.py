@@ -35,6 +35,7 @@ from psydef.backbones.qwen_qlora import QwenQLoRABackbone  # noqa: E402
 from psydef.calibration.rule import EnsembleSpec  # noqa: E402
 from psydef.core.augment import augment_minority  # noqa: E402
 from psydef.core.data import read_split  # noqa: E402
+from psydef.settings import check_hyper  # noqa: E402
 
 CONFIG_8B = Path(__file__).with_name("qwen3_8b_config.json")
 TINY = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 2, "num_attention_heads": 4,
@@ -232,6 +233,10 @@ def main(argv=None):
     args = parser.parse_args(argv)
     args.model_dir = args.model_dir or f"/tmp/psydef-qwen3-8b-random{'-tiny' if args.tiny else ''}"
     args.hyper = parse_hyper(args.hyper)
+    try:  # before the random checkpoint is built and the data read
+        check_hyper(QwenQLoRABackbone.name, args.hyper)
+    except ValueError as err:
+        raise SystemExit(str(err)) from None
     if args.tiny:
         torch.set_num_threads(1)
     rows = profile(args)

@@ -173,6 +173,11 @@ else:
         args = parser.parse_args()
         specs = args.candidates.split(";") if ";" in args.candidates else args.candidates.split(",")
         modes = args.modes.split(",")
+        for spec in specs:  # a bad hyper-parameter stops here, before any data is read
+            try:
+                make_candidate(spec)
+            except ValueError as err:
+                raise SystemExit(f"--candidates {spec}: {err}") from None
         real = read_split(Path(args.data_dir) / "train.json", labelled=True)
         digest = dataset_digest(real)
         root = cache_root()

@@ -22,9 +22,11 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 
 from psydef.backbones.base import Backbone, EpochCallback
 from psydef.backbones.encoder import FrozenEncoder
+from psydef.backbones.minilm import ENCODER_MAX_LENGTH, MIN_ENCODER_LENGTH
 from psydef.backbones.minilm import context_text as _context, previous_turn as _previous_turn
 from psydef.core.labels import N_LEVELS
 from psydef.core.losses import class_weighted_loss
+from psydef.settings import check_fields, setting
 
 HEAD_FILE = "head.safetensors"
 VOCAB_FILE = "tfidf.json"
@@ -34,20 +36,23 @@ VOCAB_FILE = "tfidf.json"
 class TorchHeadBackbone(Backbone):
     """Frozen MiniLM + TF-IDF features, linear head trained full-batch with AdamW."""
 
-    context_turns: int = 6
-    max_length: int = 128
-    context_max_length: int = 256
-    char_ngrams: bool = True
-    max_char_features: int = 30000
-    epochs: int = 10
-    steps_per_epoch: int = 20
-    learning_rate: float = 0.05
-    weight_decay: float = 0.1
-    label_smoothing: float = 0.05
+    context_turns: int = setting(6, "Turns before the target in the context embedding.", ge=1)
+    max_length: int = setting(128, "MiniLM tokens of the target and previous-turn embeddings.",
+                              ge=MIN_ENCODER_LENGTH, le=ENCODER_MAX_LENGTH)
+    context_max_length: int = setting(256, "MiniLM tokens of the context embedding.", ge=MIN_ENCODER_LENGTH,
+                                      le=ENCODER_MAX_LENGTH)
+    char_ngrams: bool = setting(True, "Character 2-5 gram TF-IDF of the target.")
+    max_char_features: int = setting(30000, "Most character n-grams kept.", ge=1)
+    epochs: int = setting(10, "Training epochs.", ge=1)
+    steps_per_epoch: int = setting(20, "Full-batch AdamW steps per epoch.", ge=1)
+    learning_rate: float = setting(0.05, "AdamW learning rate.", gt=0)
+    weight_decay: float = setting(0.1, "AdamW weight decay.", ge=0)
+    label_smoothing: float = setting(0.05, "Label smoothing of the class-weighted cross-entropy.", ge=0, lt=1)
 
     name = "minilm-torch-head"
 
     def __post_init__(self):
+        check_fields(self, lambda field_name: f"{self.name} {field_name}")
         self.word = self.char = None  # fitted TfidfVectorizers
         self.head: torch.nn.Linear | None = None
 

@@ -1,7 +1,7 @@
 """What every entry point shares: options generated from the stage's config, where to track, and
 turning bad settings and bad input into a one-line error with a non-zero exit.
 
-Only click and :mod:`psydef.stages.config` are imported here: the stage itself is imported by the
+Only click and :mod:`psydef.settings` are imported here: the stage itself is imported by the
 command when it runs, so ``psydef --help`` does not load MLflow, torch or pandas."""
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from pathlib import Path
 import click
 
 from psydef import tracking
-from psydef.stages.config import base_type, option_name, resolve_choices
+from psydef.settings import base_type, option_name, resolve_choices
 
 _METAVARS = {int: "INTEGER", float: "FLOAT", bool: "BOOLEAN", Path: "PATH", str: "TEXT", tuple: "LIST", dict: "K=V,..."}
 

@@ -14,7 +14,7 @@ def fetch_data(dest, revision):
 
     try:
         paths = fetch(dest, revision=revision)
-    except FileNotFoundError as err:
+    except (FileNotFoundError, ValueError) as err:
         raise click.ClickException(str(err)) from err
     for split, path in paths.items():
         click.echo(f"{split}: {path}")

@@ -49,6 +49,12 @@ DATA_DEFECTS = {
                                r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
     "whitespace-only target": (_edit_record(lambda r, _: (r.update(current_text=" \t"), r["dialogue"][-1].update(text=" \t"))),
                                r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace"),
+    "zero-width target": (_edit_record(lambda r, _: (r.update(current_text="\u200b\u200b"),
+                                                     r["dialogue"][-1].update(text="\u200b\u200b"))),
+                          r": record 3 \(id '\w+_00003'\): field 'current_text' is empty or only whitespace or "
+                          r"invisible characters \(U\+200B U\+200B\)"),
+    "last turn the supporter's": (_edit_record(lambda r, _: r["dialogue"][-1].update(speaker="supporter")),
+                                  r": record 3 \(id '\w+_00003'\): field 'dialogue' ends with a supporter turn"),
     "an utterance over the size limit": (_edit_record(lambda r, _: r["dialogue"][0].update(text="x" * 10_001)),
                                          r": record 3 \(id '\w+_00003'\): the length of dialogue turn 0 \(characters\) "
                                          r"is 10,001, over the limit of 10,000 \(set PSYDEF_MAX_UTTERANCE_CHARS"),
@@ -145,3 +151,100 @@ def test_predict_input_with_a_missing_column(store, data_dir, tmp_path):
     _write(path, [{k: v for k, v in record.items() if k != "current_text"} for record in json.loads(path.read_text())])
     _refused(store, ["predict", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")],
              re.escape(str(path)) + r": record 0 \(id 'test_00000'\): missing field 'current_text'")
+
+
+# ---- predict's outputs: checked up front, never half-written, never stale under the current names ----
+def _predict(store, data, out_dir):
+    return CliRunner().invoke(cli, ["predict", "--data-dir", str(data), "--out-dir", str(out_dir),
+                                    "--tracking-uri", store.uri, "--experiment-name", store.experiment])
+
+
+def _predict_runs(store) -> int:
+    client = MlflowClient(store.uri)
+    experiment = client.get_experiment_by_name(store.experiment).experiment_id
+    return len(client.search_runs([experiment], f"tags.`{tracking.STAGE}` = '{tracking.PREDICT}'"))
+
+
+def _outputs(out_dir):
+    return {p.name: p.read_bytes() for p in sorted(out_dir.iterdir())}
+
+
+def _stop_predicting(monkeypatch):
+    """The model fails on its first chunk (as a predict killed mid-way stops)."""
+    class Failing:
+        def predict(self, rows):
+            raise ValueError("stopped while predicting")
+    monkeypatch.setattr(tracking, "load_model", lambda uri: Failing())
+
+
+def _stop_writing_the_zip(monkeypatch):
+    import zipfile
+
+    def full(*args, **kwargs):
+        raise OSError(28, "No space left on device")
+    monkeypatch.setattr(zipfile, "ZipFile", full)
+
+
+@pytest.mark.parametrize("stop", [_stop_predicting, _stop_writing_the_zip], ids=["while predicting", "while zipping"])
+def test_a_failed_predict_leaves_no_current_output_and_the_previous_pair_intact(store, data_dir, tmp_path,
+                                                                               monkeypatch, stop):
+    import zipfile
+
+    out_dir = tmp_path / "out"
+    small = tmp_path / "small.json"  # the previous predict labelled another, smaller input
+    small.write_text(json.dumps(json.loads((data_dir / "test.json").read_text())[:3]))
+    assert _predict(store, small, out_dir).exit_code == 0
+    previous = _outputs(out_dir)
+    assert set(previous) == {tracking.PREDICTION_JSON, tracking.PREDICTION_ZIP}
+
+    with monkeypatch.context() as patched:
+        stop(patched)
+        result = _predict(store, data_dir, out_dir)
+    assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
+    aside = {"prediction.previous.json": previous[tracking.PREDICTION_JSON],
+             "prediction.previous.zip": previous[tracking.PREDICTION_ZIP]}
+    assert _outputs(out_dir) == aside  # nothing under the current names, no temporary left
+    with zipfile.ZipFile(out_dir / "prediction.previous.zip") as archive:  # the pair is consistent
+        assert archive.read(tracking.PREDICTION_JSON) == aside["prediction.previous.json"]
+    assert len(json.loads(aside["prediction.previous.json"])) == 3
+
+    assert _predict(store, data_dir, out_dir).exit_code == 0  # the next complete predict replaces the set-aside pair
+    now = _outputs(out_dir)
+    assert set(now) == {tracking.PREDICTION_JSON, tracking.PREDICTION_ZIP}
+    assert len(json.loads(now[tracking.PREDICTION_JSON])) == 8
+    with zipfile.ZipFile(out_dir / tracking.PREDICTION_ZIP) as archive:
+        assert archive.read(tracking.PREDICTION_JSON) == now[tracking.PREDICTION_JSON]
+
+
+def _a_file(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    return tmp_path / "taken", r"--out-dir .*taken: is a file, not a folder"
+
+
+def _under_a_file(tmp_path):
+    (tmp_path / "taken").write_text("not a folder")
+    return tmp_path / "taken" / "out", r"--out-dir .*taken/out: cannot write there \(Not a directory\)"
+
+
+def _read_only(tmp_path):
+    import os
+
+    if os.geteuid() == 0:
+        pytest.skip("root writes in a read-only folder")
+    (tmp_path / "ro").mkdir(mode=0o555)
+    return tmp_path / "ro", r"--out-dir .*ro: cannot write there \(Permission denied\)"
+
+
+@pytest.mark.parametrize("bad", [_a_file, _under_a_file, _read_only], ids=["a file", "under a file", "read-only"])
+@pytest.mark.parametrize("command", ["predict", "main"])
+def test_a_bad_out_dir_is_refused_before_the_model_is_loaded(store, data_dir, tmp_path, monkeypatch, bad, command):
+    out_dir, message = bad(tmp_path)
+
+    def never(*args, **kwargs):
+        raise AssertionError("reached the model or a stage")
+    for name in ("load_model", "resolve_model_uri", "stage_run"):
+        monkeypatch.setattr(tracking, name, never)
+    options = ["--seeds", "5", "--backbone", "minilm"] if command == "main" else []
+    before = _predict_runs(store)
+    _refused(store, [command, "--data-dir", str(data_dir), "--out-dir", str(out_dir), *options], message)
+    assert _predict_runs(store) == before

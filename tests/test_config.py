@@ -15,8 +15,8 @@ from mlflow import MlflowClient
 
 from entrypoints.cli import cli
 from psydef.stages import config
-from psydef.stages.config import (MainConfig, PredictConfig, PrepareConfig, TrainConfig, TuneConfig, base_type,
-                                  option_name)
+from psydef.settings import base_type, option_name
+from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, TrainConfig, TuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare": config.PrepareConfig, "train": config.TrainConfig, "aggregate": config.AggregateConfig,
@@ -128,3 +128,125 @@ def test_help_loads_neither_mlflow_nor_torch(argv):
             "print(sorted(m for m in ('mlflow', 'torch', 'transformers', 'sklearn', 'optuna') if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
     assert out.strip().splitlines()[-1] == "[]", out
+
+
+# Every bounded field of every registered backbone, refused by `psydef train --hyper` (and by the
+# backbone's own constructor). backbone -> (--hyper text, what the one-line error must say).
+BAD_HYPER = {
+    "minilm": [
+        ("combine=foo", r"--hyper combine: must be one of stack, vote; got 'foo'"),
+        ("C=-1", r"--hyper C: must be > 0, got -1"),
+        ("C=0", r"--hyper C: must be > 0"),
+        ("C=NaN", r"--hyper C: must be a finite number"),
+        ("C=abc", r"--hyper C: expected float, got 'abc'"),
+        ("class_weight=foo", r"--hyper class_weight: must be one of balanced, none; got 'foo'"),
+        ("context_turns=-1", r"--hyper context_turns: must be >= 1"),
+        ("char_ngrams=1", r"--hyper char_ngrams: expected bool, got 1"),
+        ("max_char_features=0", r"--hyper max_char_features: must be >= 1"),
+        ("max_length=-5", r"--hyper max_length: must be >= 0"),
+        ("max_length=513", r"--hyper max_length: must be <= 512"),
+        ("max_length=2", r"--hyper: minilm max_length: must be 0 \(none\) or >= 3, got 2"),
+        ("previous_max_length=-1", r"--hyper previous_max_length: must be >= 0"),
+        ("context_max_length=1000", r"--hyper context_max_length: must be <= 512"),
+        ("max_length=0,context_max_length=64", r"--hyper: minilm previous_max_length and context_max_length need "
+                                               r"max_length > 0"),
+        ("dense_weight=-1", r"--hyper dense_weight: must be >= 0"),
+        ("length_weight=-0.5", r"--hyper length_weight: must be >= 0"),
+        ("max_iter=0", r"--hyper max_iter: must be >= 1"),
+        ("max_iter=2.5", r"--hyper max_iter: expected int, got 2.5"),
+        ("tol=0", r"--hyper tol: must be > 0"),
+    ],
+    "qwen3-8b-qlora": [
+        ("max_length=-5", r"--hyper max_length: must be >= 256"),
+        ("max_turns=-1", r"--hyper max_turns: must be >= 0"),
+        ("lora_r=0", r"--hyper lora_r: must be >= 1"),
+        ("lora_alpha=0", r"--hyper lora_alpha: must be >= 1"),
+        ("lora_dropout=1", r"--hyper lora_dropout: must be < 1"),
+        ("lora_dropout=-0.1", r"--hyper lora_dropout: must be >= 0"),
+        ("learning_rate=0", r"--hyper learning_rate: must be > 0"),
+        ("learning_rate=Infinity", r"--hyper learning_rate: must be a finite number"),
+        ("epochs=0", r"--hyper epochs: must be >= 1"),
+        ("batch_size=0", r"--hyper batch_size: must be >= 1"),
+        ("grad_accum=0", r"--hyper grad_accum: must be >= 1"),
+        ("warmup_ratio=1.5", r"--hyper warmup_ratio: must be <= 1"),
+        ("warmup_ratio=-0.1", r"--hyper warmup_ratio: must be >= 0"),
+        ("max_grad_norm=0", r"--hyper max_grad_norm: must be > 0"),
+        ("label_smoothing=1", r"--hyper label_smoothing: must be < 1"),
+        ("label_smoothing=-0.05", r"--hyper label_smoothing: must be >= 0"),
+        ("load_in_4bit=yes", r"--hyper load_in_4bit: expected bool, got 'yes'"),
+        ("eval_batch_size=0", r"--hyper eval_batch_size: must be >= 1"),
+        ("compute_dtype=float16", r"--hyper compute_dtype: must be one of auto, bfloat16, float32; got 'float16'"),
+        ("attn_implementation=flash", r"--hyper attn_implementation: must be one of auto, sdpa, flash_attention_2, "
+                                      r"eager; got 'flash'"),
+        ("eval_every=-1", r"--hyper eval_every: must be >= 0"),
+    ],
+}
+BOUND_KEYS = ("ge", "gt", "le", "lt", "choices")
+
+
+def _registered_backbones():
+    from psydef.backbones import BACKBONES, backbone_class
+
+    return {name: backbone_class(name) for name in BACKBONES}
+
+
+@pytest.mark.parametrize(("backbone", "hyper", "message"),
+                         [(b, h, m) for b, cases in BAD_HYPER.items() for h, m in cases])
+def test_a_bad_backbone_hyper_parameter_is_a_usage_error_before_any_store_or_data(backbone, hyper, message, tmp_path):
+    """--data-dir does not exist (nothing could have been read) and the store's database is never
+    created (no run, no experiment: MLflow is not touched)."""
+    store = tmp_path / "mlflow.db"
+    result = CliRunner().invoke(cli, ["train", "--backbone", backbone, "--hyper", hyper, "--data-dir",
+                                      str(tmp_path / "no-data"), "--tracking-uri", f"sqlite:///{store}"])
+    assert result.exit_code == 2, result.output  # a usage error: nothing was attempted
+    assert re.search(message, result.output.replace("\n", " ")), result.output
+    assert not store.exists() and not (tmp_path / "mlruns").exists()
+
+
+@pytest.mark.parametrize(("backbone", "hyper", "message"),
+                         [(b, h, m) for b, cases in BAD_HYPER.items() for h, m in cases])
+def test_a_bad_hyper_parameter_is_refused_by_the_backbone_itself(backbone, hyper, message):
+    """The library is safe too: constructing the backbone directly raises a ValueError naming the field."""
+    from psydef.settings import parse_hyper
+
+    direct = message.removeprefix("--hyper: ") if message.startswith("--hyper: ") else \
+        re.escape(backbone) + message.removeprefix("--hyper")
+    with pytest.raises(ValueError, match="^" + direct):
+        _registered_backbones()[backbone](**parse_hyper(hyper))
+
+
+def test_every_bounded_backbone_field_has_a_bad_value_in_the_table():
+    for name, cls in _registered_backbones().items():
+        bounded = {f.name for f in dataclasses.fields(cls) if any(f.metadata.get(k) is not None for k in BOUND_KEYS)}
+        tried = {part.split("=")[0] for hyper, _ in BAD_HYPER[name] for part in hyper.split(",")}
+        assert bounded <= tried, f"{name}: no bad value tried for {sorted(bounded - tried)}"
+
+
+@pytest.mark.parametrize("cls", [*_registered_backbones().values(), *CONFIGS.values()], ids=lambda c: c.__name__)
+def test_every_field_declares_its_type_and_every_number_its_bounds(cls):
+    """Backbone hyper-parameters and stage settings alike: declared with psydef.settings.setting, typed,
+    and a number bounded or saying why not, so a new field cannot escape the checks."""
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        assert "help" in f.metadata and f.metadata["help"], f"{cls.__name__}.{f.name}: not declared with setting()"
+        kind, _ = base_type(hints[f.name])
+        assert isinstance(kind, type) or typing.get_origin(kind), f"{cls.__name__}.{f.name}: no type"
+        item = typing.get_args(kind)[0] if typing.get_origin(kind) is tuple else kind
+        if item in (int, float):
+            assert any(f.metadata[k] is not None for k in BOUND_KEYS) or f.metadata["unbounded"], \
+                f"{cls.__name__}.{f.name}: a number without a bound (give ge/gt/le/lt, or unbounded='why')"
+
+
+SEEDS = {("prepare", "--seed", "-1"): r"--seed: must be >= 0, got -1",
+         ("train", "--seed", str(2**32)): r"--seed: must be <= 4294967295",
+         ("tune", "--seed", "-3"): r"--seed: must be >= 0",
+         ("main", "--seeds", "42,-1"): r"--seeds item: must be >= 0, got -1"}
+
+
+@pytest.mark.parametrize("args", SEEDS)
+def test_a_seed_out_of_numpys_range_is_a_usage_error(args, tmp_path):
+    store = tmp_path / "mlflow.db"
+    data = ["--data-dir", str(tmp_path / "no-data")] if args[0] in ("prepare", "train", "main") else []
+    result = CliRunner().invoke(cli, [*args, *data, "--tracking-uri", f"sqlite:///{store}"])
+    assert result.exit_code == 2 and re.search(SEEDS[args], result.output.replace("\n", " ")), result.output
+    assert not store.exists()

@@ -38,12 +38,44 @@ def _broken(change):
     (lambda r: r[0].update(dialogue=[]), "record 0 (id 'train_00000'): field 'dialogue' must be a non-empty list"),
     (lambda r: r[4].update(current_text="something else"), "record 4 (id 'train_00004'): the last dialogue turn differs from 'current_text'"),
     (lambda r: r[5].update(id="train_00000"), "record 5 (id 'train_00000'): duplicate id 'train_00000' (first seen at record 0)"),
+    (lambda r: r[6]["dialogue"][-1].update(speaker="supporter"),
+     "record 6 (id 'train_00006'): field 'dialogue' ends with a supporter turn (turn 5); the dialogue must end with "
+     "the target seeker turn"),
 ])
 def test_bad_records_are_refused_naming_file_record_and_field(tmp_path, change, expected):
     path = write(tmp_path, _broken(change))
     with pytest.raises(DataError) as err:
         read_split(path, labelled=True)
     assert str(path) in str(err.value) and expected in str(err.value)
+
+
+@pytest.mark.parametrize("text", ["", " \t\n", "\u200b", "\u200b\u200c\u200d", "\u2060\ufeff", "\u00a0\u3000\u200b",
+                                  "\x00\x1f", "\u00ad\u2061"],
+                         ids=["empty", "whitespace", "zero-width space", "zero-width (non-)joiners",
+                              "word joiner and BOM", "no-break and ideographic spaces", "control characters",
+                              "soft hyphen, invisible operator"])
+def test_a_target_without_a_visible_character_is_refused(tmp_path, text):
+    """The same check guards training data, test data and serving requests (validate_records)."""
+    records = official_records(2)
+    records[6]["current_text"] = records[6]["dialogue"][-1]["text"] = text
+    path = write(tmp_path, records)
+    with pytest.raises(DataError, match=r"record 6 \(id 'train_00006'\): field 'current_text' is empty or only "
+                                        r"whitespace or invisible characters \((''|U\+[0-9A-F]{4})"):
+        read_split(path, labelled=True)
+
+
+@pytest.mark.parametrize("text", ["ok\u200b", "\u200bé", "\u00a0.", "😶"])
+def test_a_target_with_a_visible_character_among_invisible_ones_is_kept(tmp_path, text):
+    records = official_records(2)
+    records[6]["current_text"] = records[6]["dialogue"][-1]["text"] = text
+    assert read_split(write(tmp_path, records), labelled=True).loc[6, "current_text"] == text
+
+
+def test_the_real_data_ends_every_dialogue_with_a_visible_seeker_target(real_data_dir):
+    """The official format holds on the real splits (so the checks refuse no real record)."""
+    for split, labelled in (("train", True), ("test", False)):
+        table = read_split(real_data_dir / f"{split}.json", labelled=labelled)
+        assert len(table) and all(d[-1]["speaker"] == "seeker" for d in table["dialogue"])
 
 
 def test_missing_label_is_refused_only_when_labels_are_required(tmp_path):

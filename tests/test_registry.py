@@ -214,9 +214,15 @@ def test_serving_answers_a_request(store, champion, tmp_path):
         # another process batches the encoder's inputs differently: float32 noise, not another model
         np.testing.assert_allclose([[p[c] for c in PROB_COLUMNS] for p in answer["predictions"]],
                                    expected[list(PROB_COLUMNS)].to_numpy(), atol=1e-5)
-        bad = rows.assign(current_text="not the last turn")
-        status, answer = post_json(url, {"dataframe_split": bad.to_dict(orient="split", index=False)})
-        assert status == 400 and "id 'row_000'" in answer["message"], answer
+        invisible = [{"speaker": "seeker", "text": "\u200b\u200b"}]
+        supporter_last = [{"speaker": "seeker", "text": "I failed."}, {"speaker": "supporter", "text": "Oh no."}]
+        for bad, field in ((rows.assign(current_text="not the last turn"), "the last dialogue turn differs"),
+                           (rows.assign(current_text="\u200b\u200b", dialogue=[invisible] * 5),
+                            "field 'current_text' is empty or only whitespace or invisible characters"),
+                           (rows.assign(current_text="Oh no.", dialogue=[supporter_last] * 5),
+                            "field 'dialogue' ends with a supporter turn")):
+            status, answer = post_json(url, {"dataframe_split": bad.to_dict(orient="split", index=False)})
+            assert status == 400 and f"record 0 (id 'row_000'): {field}" in answer["message"], answer
         for oversized, message in ((ensemble_rows(6, labelled=False), "the number of rows is 6, over the limit of 5"),
                                    (rows.assign(current_text="x" * 10_001, dialogue=[[{"speaker": "seeker", "text": "x" * 10_001}]] * 5),
                                     "over the limit of 10,000 (set PSYDEF_MAX_UTTERANCE_CHARS")):

@@ -38,10 +38,14 @@ from sklearn.linear_model import LogisticRegression
 from psydef.backbones.base import Backbone, EpochCallback
 from psydef.backbones.encoder import FrozenEncoder
 from psydef.core.labels import N_LEVELS
+from psydef.settings import check_fields, setting
 
 WEIGHTS_FILE = "linear.safetensors"
 VOCAB_FILE = "tfidf.json"
 COMBINE = ("stack", "vote")
+CLASS_WEIGHTS = ("balanced", "none")
+ENCODER_MAX_LENGTH = 512  # all-MiniLM-L6-v2's position embeddings
+MIN_ENCODER_LENGTH = 3  # [CLS], one token of text, [SEP]
 MISSING_CLASS_LOGIT = -30.0  # a level absent from the training rows: never predicted
 _WORD = re.compile(r"\w+")
 # (config, training rows) -> fitted (vectorizers, members, training loss). The fit does not depend on the
@@ -96,30 +100,40 @@ def _fixed_vectorizer(name: str, saved: dict) -> TfidfVectorizer:
 class MiniLMBackbone(Backbone):
     """Balanced logistic regression on TF-IDF and frozen MiniLM views (see the module docstring)."""
 
-    combine: str = "stack"
-    C: float = 0.5
-    class_weight: str = "balanced"  # or "none"
-    context_turns: int = 6
-    char_ngrams: bool = True
-    max_char_features: int = 30000
-    context_tfidf: bool = True
-    history_tfidf: bool = True
-    max_length: int = 128  # target embedding; 0 = no MiniLM views
-    previous_max_length: int = 0  # previous-turn embedding; 0 = none (it lost on the bench)
-    context_max_length: int = 0  # context-turn embedding; 0 = the context only as TF-IDF
-    dense_weight: float = 1.0
-    length_weight: float = 1.0  # the two length columns (turns so far, target words); 0 = none
-    use_augmented: bool = False  # the augmented variants: no gain for this model on the bench (README)
-    max_iter: int = 2000
-    tol: float = 1e-4
+    combine: str = setting("stack", "stack: one logistic regression on every view side by side; vote: one per view, "
+                                    "their probabilities averaged.", choices="psydef.backbones.minilm:COMBINE")
+    C: float = setting(0.5, "Inverse L2 regularisation strength of the logistic regressions.", gt=0)
+    class_weight: str = setting("balanced", "balanced: classes weighted by inverse frequency; none: unweighted.",
+                                choices="psydef.backbones.minilm:CLASS_WEIGHTS")
+    context_turns: int = setting(6, "Turns before the target in the context views.", ge=1)
+    char_ngrams: bool = setting(True, "Character 2-5 gram TF-IDF of the target.")
+    max_char_features: int = setting(30000, "Most character n-grams kept.", ge=1)
+    context_tfidf: bool = setting(True, "The speaker-tagged TF-IDF view of the context turns.")
+    history_tfidf: bool = setting(True, "The TF-IDF view of the earlier seeker turns.")
+    max_length: int = setting(128, "MiniLM tokens of the target embedding; 0: no MiniLM views.", ge=0,
+                              le=ENCODER_MAX_LENGTH)
+    previous_max_length: int = setting(0, "MiniLM tokens of the previous-turn embedding; 0: none.", ge=0,
+                                       le=ENCODER_MAX_LENGTH)
+    context_max_length: int = setting(0, "MiniLM tokens of the context-turn embedding; 0: the context only as "
+                                         "TF-IDF.", ge=0, le=ENCODER_MAX_LENGTH)
+    dense_weight: float = setting(1.0, "Scale of the embedding block in the stacked view.", ge=0)
+    length_weight: float = setting(1.0, "Scale of the two length columns (turns so far, target words); 0: none.",
+                                   ge=0)
+    use_augmented: bool = setting(False, "Fit on the augmented variants too.")
+    max_iter: int = setting(2000, "Most lbfgs iterations of each logistic regression.", ge=1)
+    tol: float = setting(1e-4, "lbfgs stopping tolerance.", gt=0)
 
     name = "minilm"
 
     def __post_init__(self):
-        if self.combine not in COMBINE:
-            raise ValueError(f"combine must be one of {COMBINE}, got {self.combine!r}")
-        if self.class_weight not in ("balanced", "none"):
-            raise ValueError(f"class_weight must be 'balanced' or 'none', got {self.class_weight!r}")
+        check_fields(self, lambda field_name: f"{self.name} {field_name}")
+        for length in ("max_length", "previous_max_length", "context_max_length"):
+            if 0 < getattr(self, length) < MIN_ENCODER_LENGTH:  # MiniLM's [CLS] and [SEP] leave no text
+                raise ValueError(f"{self.name} {length}: must be 0 (none) or >= {MIN_ENCODER_LENGTH}, got "
+                                 f"{getattr(self, length)}")
+        if self.max_length == 0 and (self.previous_max_length or self.context_max_length):
+            raise ValueError(f"{self.name} previous_max_length and context_max_length need max_length > 0 "
+                             f"(max_length=0 turns every MiniLM view off)")
         self.vectorizers: dict[str, TfidfVectorizer] = {}
         self.members: dict[str, dict[str, np.ndarray]] = {}  # view group -> coef, intercept, classes
 

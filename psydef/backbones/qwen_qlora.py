@@ -31,6 +31,7 @@ from psydef.backbones.base import Backbone, EpochCallback
 from psydef.core.labels import N_LEVELS
 from psydef.core.losses import class_weighted_loss
 from psydef.core.prompt import build_prompt
+from psydef.settings import check_fields, setting
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TO_MULTIPLE_OF = 8
@@ -39,7 +40,11 @@ PAD_TO_MULTIPLE_OF = 8
 GROUP_WINDOW_BATCHES = 50
 # No float16: its autocast would need loss scaling, which the training loop does not do.
 DTYPES = {"bfloat16": torch.bfloat16, "float32": torch.float32}
+COMPUTE_DTYPES = ("auto", *DTYPES)
 ATTENTION = ("auto", "sdpa", "flash_attention_2", "eager")
+# No tokenizer holds the DMRS guide and instruction (about 2,700 characters, 380 words) in fewer tokens;
+# whether a given max_length fits them is known once the tokenizer is loaded (build_prompt).
+MIN_PROMPT_TOKENS = 256
 TRAINED_ADAPTER = "default"  # peft's name for the adapter get_peft_model creates
 
 
@@ -75,41 +80,39 @@ class QwenQLoRABackbone(Backbone):
     """QLoRA sequence classifier. The fields are the hyper-parameters returned by ``config()``;
     ``model`` is a Hugging Face id or a local folder holding the weights and the tokenizer."""
 
-    model: str = "Qwen/Qwen3-8B"
-    max_length: int = 1024
-    max_turns: int = 30
-    lora_r: int = 128
-    lora_alpha: int = 256
-    lora_dropout: float = 0.1
-    learning_rate: float = 1.2e-4
-    epochs: int = 10
-    batch_size: int = 2
-    grad_accum: int = 8
-    warmup_ratio: float = 0.08
-    max_grad_norm: float = 0.3
-    label_smoothing: float = 0.05
-    load_in_4bit: bool = True
-    gradient_checkpointing: bool = True
-    eval_batch_size: int = 8
-    # "auto": bfloat16 on CUDA, float32 on CPU. The 4-bit compute dtype, the dtype of the other frozen
-    # weights (embeddings, norms), of autocast, and of the stored LoRA weights and score head.
-    compute_dtype: str = "auto"
-    # "auto": FlashAttention 2 on CUDA when the flash_attn package is installed, else PyTorch SDPA.
-    attn_implementation: str = "auto"
-    group_by_length: bool = True
-    # Validation logits for ``on_epoch`` every this many epochs and at the last; 0: never.
-    eval_every: int = 1
+    model: str = setting("Qwen/Qwen3-8B", "Hugging Face id or local folder of the base model and its tokenizer.")
+    max_length: int = setting(1024, "Prompt tokens; the oldest context turns are dropped to fit (the DMRS guide and "
+                                    "instruction alone take about 560 Qwen3 tokens).", ge=MIN_PROMPT_TOKENS)
+    max_turns: int = setting(30, "Most turns before the target shown as context.", ge=0)
+    lora_r: int = setting(128, "LoRA rank.", ge=1)
+    lora_alpha: int = setting(256, "LoRA scaling numerator (the update is scaled by alpha / r).", ge=1)
+    lora_dropout: float = setting(0.1, "Dropout on the LoRA inputs.", ge=0, lt=1)
+    learning_rate: float = setting(1.2e-4, "AdamW peak learning rate.", gt=0)
+    epochs: int = setting(10, "Training epochs (the last one is kept).", ge=1)
+    batch_size: int = setting(2, "Training rows per forward pass.", ge=1)
+    grad_accum: int = setting(8, "Forward passes per optimiser step.", ge=1)
+    warmup_ratio: float = setting(0.08, "Fraction of the optimiser steps spent warming up.", ge=0, le=1)
+    max_grad_norm: float = setting(0.3, "Gradient clipping norm.", gt=0)
+    label_smoothing: float = setting(0.05, "Label smoothing of the class-weighted cross-entropy.", ge=0, lt=1)
+    load_in_4bit: bool = setting(True, "Load the base in 4-bit NF4 (QLoRA); false: in the compute dtype.")
+    gradient_checkpointing: bool = setting(True, "Recompute activations in the backward pass (less memory).")
+    eval_batch_size: int = setting(8, "Rows per forward pass when predicting.", ge=1)
+    compute_dtype: str = setting("auto", "auto: bfloat16 on CUDA, float32 on CPU. The 4-bit compute dtype, the dtype "
+                                         "of the other frozen weights (embeddings, norms), of autocast, and of the "
+                                         "stored LoRA weights and score head.",
+                                 choices="psydef.backbones.qwen_qlora:COMPUTE_DTYPES")
+    attn_implementation: str = setting("auto", "auto: FlashAttention 2 on CUDA when the flash_attn package is "
+                                               "installed, else PyTorch SDPA.",
+                                       choices="psydef.backbones.qwen_qlora:ATTENTION")
+    group_by_length: bool = setting(True, "Batch training prompts of similar token length together.")
+    eval_every: int = setting(1, "Validation logits for on_epoch every this many epochs and at the last; 0: never.",
+                              ge=0)
 
     name = "qwen3-8b-qlora"
 
     def __post_init__(self):
+        check_fields(self, lambda field_name: f"{self.name} {field_name}")
         self.device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
-        if self.compute_dtype != "auto" and self.compute_dtype not in DTYPES:
-            raise ValueError(f"compute_dtype {self.compute_dtype!r}: choose auto or one of {', '.join(DTYPES)}")
-        if self.attn_implementation not in ATTENTION:
-            raise ValueError(f"attn_implementation {self.attn_implementation!r}: choose one of {', '.join(ATTENTION)}")
-        if self.eval_every < 0:
-            raise ValueError(f"eval_every must be >= 0 (0: no validation); got {self.eval_every}")
         self.net = None  # the PeftModel, once fitted or loaded (shared by the adapters of load_many)
         self.adapter_name = TRAINED_ADAPTER  # this backbone's adapter in self.net
         self.tokenizer = None

@@ -2,13 +2,16 @@
 
 A split file is a JSON list of records ``{"id", "dialogue_id", "dialogue": [{"text", "speaker"}, ...],
 "current_text"}`` plus ``"label"`` (0..8) in the training split. The dialogue is the conversation up to
-and including the target seeker turn, so its last turn must equal ``current_text``.
+and including the target seeker turn, so its last turn must be the seeker's and equal ``current_text``,
+which must hold at least one visible character (not only whitespace, control or invisible format
+characters such as U+200B ZERO WIDTH SPACE).
 """
 from __future__ import annotations
 
 import hashlib
 import json
 import os
+import unicodedata
 from dataclasses import dataclass, fields
 from pathlib import Path
 from typing import Any, Iterable
@@ -18,6 +21,10 @@ import pandas as pd
 from psydef.core.labels import N_LEVELS
 
 SPEAKERS = ("seeker", "supporter")
+TARGET_SPEAKER = "seeker"  # the target utterance, the dialogue's last turn, is always the seeker's
+# Unicode categories that show nothing on their own: control (tab, newline, ...) and format characters
+# (zero-width space, joiners, word joiner, byte-order mark, ...); whitespace is str.isspace.
+INVISIBLE_CATEGORIES = ("Cc", "Cf")
 RECORD_FIELDS = ("id", "dialogue_id", "dialogue", "current_text")
 TABLE_COLUMNS = (*RECORD_FIELDS, "label")
 # What the registered model takes, one row per utterance (``dialogue``: turns or their JSON string).
@@ -58,9 +65,22 @@ class InputLimits:
         return cls(**values)
 
 
+def has_visible_text(text: str) -> bool:
+    """Whether ``text`` holds a character that shows: not whitespace, control or format (U+200B...)."""
+    return any(not ch.isspace() and unicodedata.category(ch) not in INVISIBLE_CATEGORIES for ch in text)
+
+
 def _limit(where: str, what: str, size: int, limit: int, variable: str) -> None:
     if size > limit:
         raise DataError(f"{where}: {what} is {size:,}, over the limit of {limit:,} (set {variable} to change it)")
+
+
+def _codepoints(text: str, most: int = 5) -> str:
+    """How an invisible text is spelled: ``''`` or its first code points (``U+200B U+200B``)."""
+    if not text:
+        return "''"
+    shown = " ".join(f"U+{ord(ch):04X}" for ch in text[:most])
+    return shown + (f" ... ({len(text):,} characters)" if len(text) > most else "")
 
 
 def _where(source: str, index: int | None, record: Any) -> str:
@@ -106,9 +126,9 @@ def validate_records(records: Any, *, source: str = "input", labelled: bool | No
             if turn.get("speaker") not in SPEAKERS:
                 raise DataError(f"{where}: dialogue turn {t} has speaker {turn.get('speaker')!r}; "
                                 f"expected one of {', '.join(SPEAKERS)}")
-        if not rec["current_text"].strip():
-            raise DataError(f"{where}: field 'current_text' is empty or only whitespace; there is no target "
-                            "utterance to label")
+        if not has_visible_text(rec["current_text"]):
+            raise DataError(f"{where}: field 'current_text' is empty or only whitespace or invisible characters "
+                            f"({_codepoints(rec['current_text'])}); there is no target utterance to label")
         _limit(where, "the number of dialogue turns", len(dialogue), limits.max_dialogue_turns,
                "PSYDEF_MAX_DIALOGUE_TURNS")
         longest = max(range(len(dialogue)), key=lambda t: len(dialogue[t]["text"]))
@@ -119,6 +139,9 @@ def validate_records(records: Any, *, source: str = "input", labelled: bool | No
         if dialogue[-1]["text"] != rec["current_text"]:
             raise DataError(f"{where}: the last dialogue turn differs from 'current_text'; the dialogue must "
                             "end with the target utterance")
+        if dialogue[-1]["speaker"] != TARGET_SPEAKER:
+            raise DataError(f"{where}: field 'dialogue' ends with a {dialogue[-1]['speaker']} turn (turn "
+                            f"{len(dialogue) - 1}); the dialogue must end with the target {TARGET_SPEAKER} turn")
         if labelled is not False and "label" in rec:
             label = rec["label"]
             if isinstance(label, bool) or not isinstance(label, int) or not 0 <= label < N_LEVELS:

@@ -11,6 +11,8 @@ from pathlib import Path
 from huggingface_hub import hf_hub_download
 from huggingface_hub.errors import LocalEntryNotFoundError
 
+from psydef.core.files import atomic_files, writable_folder
+
 DEFAULT_REPO_ID = "AIMH/PsyDefConv"
 SPLIT_FILES = {"train": "Splits/train.json", "test": "Splits/test.json"}
 
@@ -21,7 +23,8 @@ def fetch_data(dest: str | Path = "data/psydefconv", *, repo_id: str = DEFAULT_R
     copy them to ``dest/train.json`` and ``dest/test.json``; returns ``{"train": path, "test": path}``.
 
     Raises FileNotFoundError, saying how to place the files by hand, when the Hub cannot be reached
-    (no network, or ``HF_HUB_OFFLINE=1``) and the files are not in the cache.
+    (no network, or ``HF_HUB_OFFLINE=1``) and the files are not in the cache; ValueError when ``dest``
+    is not a writable folder. Both files are replaced together once both are copied.
     """
     dest = Path(dest)
     cached = {}
@@ -39,5 +42,8 @@ def fetch_data(dest: str | Path = "data/psydefconv", *, repo_id: str = DEFAULT_R
                 f"https://huggingface.co/datasets/{repo_id}, folder Splits/). The data is CC BY-NC 4.0: "
                 f"non-commercial research use with attribution only; do not commit it."
             ) from err
-    dest.mkdir(parents=True, exist_ok=True)
-    return {split: Path(shutil.copyfile(source, dest / f"{split}.json")) for split, source in cached.items()}
+    targets = {split: writable_folder(dest, "--dest") / f"{split}.json" for split in cached}
+    with atomic_files(*targets.values()) as temporaries:
+        for source, temporary in zip(cached.values(), temporaries):
+            shutil.copyfile(source, temporary)
+    return targets

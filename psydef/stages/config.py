@@ -1,205 +1,22 @@
 """Every stage's settings: one frozen dataclass per stage, the only source of their defaults.
 
-A field's metadata holds its help text, its bounds and its choices; the click options of
-``entrypoints/`` are generated from the fields, the MLproject parameters must match them
-(tests/test_config.py), and each stage logs :meth:`Settings.params` as its run's params.
+A field's metadata holds its help text, its bounds and its choices (:mod:`psydef.settings`); the
+click options of ``entrypoints/`` are generated from the fields, the MLproject parameters must
+match them (tests/test_config.py), and each stage logs :meth:`Settings.params` as its run's params.
 Construction checks every value (type, bounds, choices, backbone hyper-parameters), so a bad
 setting fails here, before any data is read or any run is created, with the option's name.
 
 Nothing heavy is imported at module level: ``psydef --help`` reads these classes.
 """
 import dataclasses
-import importlib
-import json
-import types
-import typing
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 from psydef import tracking
+from psydef.settings import Settings, check_hyper, option_name, parse_hyper, setting, spell_hyper
 
 DATA_DIR = Path("data/psydefconv")
-
-
-def setting(default=dataclasses.MISSING, help: str = "", *, choices: str | None = None, ge=None, gt=None, le=None,
-            none: str = "", parse=None, spell=None, input_path: bool = False):
-    """A field with its help text; ``choices`` names a tuple as ``module:NAME`` (imported when
-    checked, so that ``--help`` stays fast); ``ge``/``gt``/``le`` bound numbers; ``none`` is how
-    the CLI and MLproject spell ``None``; ``parse``/``spell`` convert the CLI text of a
-    non-scalar setting (a mapping, a list) and back; ``input_path`` marks a file or folder that
-    is read (MLproject type ``path``, which MLflow checks exists)."""
-    metadata = {"help": help, "choices": choices, "ge": ge, "gt": gt, "le": le, "none": none,
-                "parse": parse, "spell": spell, "input_path": input_path}
-    if isinstance(default, (dict, list)):
-        return field(default_factory=lambda: type(default)(default), metadata=metadata)
-    return field(default=default, metadata=metadata)
-
-
-def option_name(name: str) -> str:
-    """A setting's command-line option (``n_trials`` -> ``--n-trials``); ``-P n_trials`` in MLproject."""
-    return "--" + name.replace("_", "-")
-
-
-def resolve_choices(reference: str) -> tuple:
-    module, name = reference.split(":")
-    return tuple(getattr(importlib.import_module(module), name))
-
-
-def base_type(annotation):
-    """``int`` for ``int | None``; the annotation itself otherwise; ``(type, optional)``."""
-    if isinstance(annotation, types.UnionType) or typing.get_origin(annotation) is typing.Union:
-        args = [a for a in typing.get_args(annotation) if a is not type(None)]
-        return args[0], True
-    return annotation, False
-
-
-def _check_value(where: str, kind, value, meta: dict):
-    """``value`` checked against ``kind`` and the bounds and choices in ``meta``; returns it in
-    canonical form (a float for an int given to a float setting, a tuple for a list, a Path)."""
-    origin = typing.get_origin(kind) or kind
-    if origin is bool:
-        ok = isinstance(value, bool)
-    elif origin is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif origin is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif origin is Path:
-        ok = isinstance(value, (str, Path))
-        value = Path(value) if ok else value
-    elif origin is tuple:
-        item = typing.get_args(kind)[0]
-        ok = isinstance(value, (tuple, list))
-        value = tuple(_check_value(f"{where} item", item, v, {}) for v in value) if ok else value
-    elif origin is dict:
-        ok = isinstance(value, dict)
-    else:
-        ok = isinstance(value, origin)
-    if not ok:
-        raise ValueError(f"{where}: expected {getattr(origin, '__name__', origin)}, got {value!r}")
-    if meta.get("ge") is not None and value < meta["ge"]:
-        raise ValueError(f"{where}: must be >= {meta['ge']}, got {value!r}")
-    if meta.get("gt") is not None and value <= meta["gt"]:
-        raise ValueError(f"{where}: must be > {meta['gt']}, got {value!r}")
-    if meta.get("le") is not None and value > meta["le"]:
-        raise ValueError(f"{where}: must be <= {meta['le']}, got {value!r}")
-    if meta.get("choices") and value not in (choices := resolve_choices(meta["choices"])):
-        raise ValueError(f"{where}: must be one of {', '.join(map(str, choices))}; got {value!r}")
-    return value
-
-
-class Settings:
-    """What the stage configs share: checking on construction, CLI parsing and spelling, params."""
-
-    def __post_init__(self):
-        hints = typing.get_type_hints(type(self))
-        for f in dataclasses.fields(self):
-            value = getattr(self, f.name)
-            kind, optional = base_type(hints[f.name])
-            if value is None and optional:
-                continue
-            object.__setattr__(self, f.name, _check_value(option_name(f.name), kind, value, f.metadata))
-        self.check()
-
-    def check(self) -> None:
-        """Checks across settings (a subclass's)."""
-
-    @classmethod
-    def parse(cls, name: str, text: str):
-        """The value of setting ``name`` from its CLI/MLproject text; ValueError naming the option."""
-        f = {f.name: f for f in dataclasses.fields(cls)}[name]
-        kind, optional = base_type(typing.get_type_hints(cls)[name])
-        if optional and text == f.metadata["none"]:
-            return None
-        if f.metadata["parse"]:
-            return f.metadata["parse"](text)
-        origin = typing.get_origin(kind) or kind
-        try:
-            if origin is bool:
-                if text.lower() not in ("true", "false", "1", "0"):
-                    raise ValueError
-                return text.lower() in ("true", "1")
-            if origin is tuple:
-                item = typing.get_args(kind)[0]
-                return tuple(item(part.strip()) for part in text.split(",") if part.strip())
-            return origin(text)
-        except ValueError:
-            what = (f"comma-separated list of {typing.get_args(kind)[0].__name__}" if origin is tuple
-                    else getattr(origin, "__name__", origin))
-            raise ValueError(f"{option_name(name)}: {text!r} is not a valid {what}"
-                             + (f" (or {f.metadata['none']!r})" if optional and f.metadata["none"] else "")) from None
-
-    @classmethod
-    def spell(cls, name: str, value) -> str:
-        """How the CLI and MLproject write ``value`` of setting ``name`` (what a run's param holds)."""
-        f = {f.name: f for f in dataclasses.fields(cls)}[name]
-        if value is None:
-            return f.metadata["none"]
-        if f.metadata["spell"]:
-            return f.metadata["spell"](value)
-        if isinstance(value, bool):
-            return str(value).lower()
-        if isinstance(value, tuple):
-            return ",".join(map(str, value))
-        return str(value)
-
-    def params(self) -> dict[str, str]:
-        """Every setting as the run's param, spelled as ``-P`` would give it."""
-        return {f.name: self.spell(f.name, getattr(self, f.name)) for f in dataclasses.fields(self)}
-
-
-# ------------------------------------------------------------------------------------------------
-# Backbone hyper-parameters: ``key=value,key=value`` checked against the backbone's dataclass fields
-
-
-def parse_hyper(text: str) -> dict:
-    """``key=value,key=value`` (values parsed as JSON where they parse, else kept as strings)."""
-    hyper = {}
-    for item in filter(None, (part.strip() for part in text.split(","))):
-        key, sep, raw = item.partition("=")
-        if not sep:
-            raise ValueError(f"--hyper: {item!r} is not key=value")
-        try:
-            hyper[key.strip()] = json.loads(raw)
-        except json.JSONDecodeError:
-            hyper[key.strip()] = raw
-    return hyper
-
-
-def spell_hyper(hyper: dict) -> str:
-    return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hyper.items())
-
-
-def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = None, option: str = "--hyper") -> dict:
-    """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, and the
-    bounds a field declares in its metadata (``ge``, ``gt``, ``le``, as :func:`setting` writes them) or
-    ``bounds`` gives by name; the model is not built. Returns ``hyper`` in canonical form. ``option``
-    is the command-line option the values came from, for the messages."""
-    from psydef.backbones import backbone_class
-
-    cls = backbone_class(backbone)
-    known = {f.name: f for f in dataclasses.fields(cls)}
-    unknown = sorted(set(hyper) - set(known))
-    if unknown:
-        raise ValueError(f"{option}: unknown hyper-parameter(s) {', '.join(unknown)} for backbone {backbone}; "
-                         f"valid: {', '.join(known)}")
-    hints = typing.get_type_hints(cls)
-    checked = {}
-    for key, value in hyper.items():
-        kind, optional = base_type(hints[key])
-        if value is None and optional:
-            checked[key] = None
-            continue
-        if kind is str and not isinstance(value, str):
-            value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
-        declared = {k: v for k, v in known[key].metadata.items() if k in ("ge", "gt", "le", "choices")}
-        where = f"{option} {key}" if option == "--hyper" else option
-        checked[key] = _check_value(where, kind, value, {**declared, **(bounds or {}).get(key, {})})
-    return checked
-
-
-# ------------------------------------------------------------------------------------------------
-# The stages
+MAX_SEED = 2**32 - 1  # numpy's RandomState (sklearn's folds, Optuna's samplers) takes seeds in [0, 2**32)
 
 
 def _like(config: type, name: str, **changes):
@@ -213,7 +30,7 @@ def _like(config: type, name: str, **changes):
 @dataclass(frozen=True)
 class PrepareConfig(Settings):
     data_dir: Path = setting(DATA_DIR, "Folder with train.json and optionally test.json.", input_path=True)
-    seed: int = setting(42, "Seed of the augmentation and of the fold assignment.")
+    seed: int = setting(42, "Seed of the augmentation and of the fold assignment.", ge=0, le=MAX_SEED)
     n_splits: int = setting(5, "Number of cross-validation folds.", ge=2)
     group_by: str = setting("dialogue", "dialogue: honest for new conversations; utterance: mirrors the "
                                         "record-level test split.", choices="psydef.core.folds:GROUP_BY")
@@ -222,7 +39,7 @@ class PrepareConfig(Settings):
 @dataclass(frozen=True)
 class TrainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir")
-    seed: int = setting(42, "Training seed.")
+    seed: int = setting(42, "Training seed.", ge=0, le=MAX_SEED)
     prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: run prepare first).")
     backbone: str = setting("auto", "auto = qwen3-8b-qlora when CUDA is available, else minilm.",
                             choices="psydef.backbones:CHOICES")
@@ -257,14 +74,8 @@ class TrainConfig(Settings):
 
         if self.model is not None and "model" in {f.name for f in dataclasses.fields(backbone_class(name))}:
             extra["model"] = self.model
-        checked = check_hyper(name, self.hyper, BOUNDS_BY_NAME)
-        for key, value in extra.items():  # each named by its own option: --epochs, --learning-rate, --model
-            checked |= check_hyper(name, {key: value}, BOUNDS_BY_NAME, option=option_name(key))
-        return checked
-
-
-# --epochs and --learning-rate are shortcuts for --hyper epochs=... and learning_rate=...: the same bounds
-BOUNDS_BY_NAME = {f.name: f.metadata for f in dataclasses.fields(TrainConfig) if f.name in ("epochs", "learning_rate")}
+        # each of --epochs, --learning-rate, --model named by its own option in the messages
+        return check_hyper(name, {**self.hyper, **extra}, options={key: option_name(key) for key in extra})
 
 
 @dataclass(frozen=True)
@@ -284,7 +95,7 @@ class TuneConfig(Settings):
                                   "total).", ge=1)
     sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
     gate: bool = setting(True, "Search the level-7 confidence gate tau7 as well (true/false).")
-    seed: int = setting(0, "Sampler seed; give each parallel tune its own.")
+    seed: int = setting(0, "Sampler seed; give each parallel tune its own.", ge=0, le=MAX_SEED)
     storage: str | None = setting(None, "Optuna storage: sqlite:///optuna.db or a journal file (path.journal); "
                                         "default: in memory.")
     study_name: str | None = setting(None, "Default: calibration-<member run id prefixes>.")
@@ -327,7 +138,7 @@ class PredictConfig(Settings):
 class MainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir", help="Folder with train.json and test.json.")
     seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated training seeds (the first also prepares "
-                                                     "and tunes).")
+                                                     "and tunes).", ge=0, le=MAX_SEED)
     backbone: str = _like(TrainConfig, "backbone")
     model: str | None = _like(TrainConfig, "model")
     hyper: dict = _like(TrainConfig, "hyper")

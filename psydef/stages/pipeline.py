@@ -5,6 +5,7 @@ from __future__ import annotations
 import mlflow
 
 from psydef import progress, tracking
+from psydef.core.files import writable_folder
 from psydef.stages.config import MainConfig
 from psydef.stages.predict import Predicted, run_predict
 from psydef.stages.prepare import run_prepare
@@ -21,6 +22,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
     The new version becomes ``production`` unless the champion/challenger gate refuses it (a worse
     estimated OOF macro-F1 than the current champion's); the prediction then comes from the champion."""
     seeds, model_name, backbone, data_dir = config.seeds, config.model_name, config.backbone, config.data_dir
+    writable_folder(config.out_dir, "--out-dir")  # where predict writes at the end, checked before anything runs
     with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
         tracking.log_new_params(config.params())
         prepared = run_prepare(config.prepare())

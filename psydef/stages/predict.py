@@ -3,10 +3,17 @@
 Writes ``prediction.json`` (``[{"id", "label"}, ...]``, one entry per record, in file order) and
 ``prediction.zip`` holding it, and logs both, the blended probabilities and, when the file is
 labelled, the official metrics and a confusion matrix in a ``predict`` run.
+
+``out_dir`` is checked before anything is read. Once the model URI resolves, a previous run's
+outputs in ``out_dir`` are renamed to ``prediction.previous.json``/``.zip`` (every predict run also
+logs its own), so the current names only ever hold this run's outputs: both appear, each written
+atomically, once every record is labelled (the zip first); a predict that fails or is killed leaves
+neither, and the previous pair intact under its set-aside names.
 """
 from __future__ import annotations
 
 import json
+import os
 import tempfile
 import zipfile
 from dataclasses import dataclass
@@ -19,6 +26,7 @@ from tqdm.auto import tqdm
 
 from psydef import tracking
 from psydef.core.data import INPUT_COLUMNS, dataset_digest, is_labelled, read_split
+from psydef.core.files import atomic_files, writable_folder
 from psydef.core.labels import PROB_COLUMNS
 from psydef.core.metrics import evaluate, plot_confusion_matrix
 from psydef.stages.config import PredictConfig
@@ -42,14 +50,56 @@ def split_path(data_path_or_dir: str | Path) -> Path:
     return path / "test.json" if path.is_dir() else path
 
 
+def output_paths(out_dir: Path) -> tuple[Path, Path]:
+    """Where predict writes: ``prediction.json`` and ``prediction.zip`` of ``out_dir``."""
+    return out_dir / tracking.PREDICTION_JSON, out_dir / tracking.PREDICTION_ZIP
+
+
+def set_aside(path: Path) -> Path:
+    """Where a previous run's output waits while a new predict runs: ``prediction.previous.json``."""
+    return path.with_name(f"{path.stem}.previous{path.suffix}")
+
+
+def _set_aside_previous_outputs(out_dir: Path) -> None:
+    """Rename the outputs in ``out_dir`` to their set-aside names (replacing an older set-aside pair)."""
+    current = [p for p in output_paths(out_dir) if p.exists()]
+    if not current:
+        return
+    for path in output_paths(out_dir):
+        set_aside(path).unlink(missing_ok=True)
+    for path in current:
+        os.replace(path, set_aside(path))
+    print(f"predict: the previous {' and '.join(p.name for p in current)} in {out_dir} are set aside as "
+          f"{' and '.join(set_aside(p).name for p in current)} until this prediction is complete")
+
+
+def _write_outputs(out_dir: Path, predictions: pd.DataFrame) -> tuple[Path, Path]:
+    """prediction.json and the zip holding it, both replaced at once when both are written."""
+    prediction_json, prediction_zip = output_paths(out_dir)
+    try:
+        with atomic_files(prediction_zip, prediction_json) as (zip_tmp, json_tmp):
+            json_tmp.write_text(json.dumps(
+                [{"id": i, "label": int(label)} for i, label in zip(predictions["id"], predictions["label"])],
+                indent=1))
+            with zipfile.ZipFile(zip_tmp, "w", compression=zipfile.ZIP_DEFLATED) as archive:
+                archive.write(json_tmp, arcname=tracking.PREDICTION_JSON)
+    except OSError as err:
+        raise ValueError(f"--out-dir {out_dir}: writing {prediction_json.name} and {prediction_zip.name} failed "
+                         f"({err}); nothing was written (a previous pair stays as "
+                         f"{set_aside(prediction_json).name} and {set_aside(prediction_zip).name})") from err
+    for path in output_paths(out_dir):
+        set_aside(path).unlink(missing_ok=True)
+    return prediction_json, prediction_zip
+
+
 def run_predict(config: PredictConfig) -> Predicted:
     """Label every record of ``config.data_dir`` (a split file, or a folder holding ``test.json``)
     with the model at ``config.model_uri``; labels in the file are optional and only used for metrics."""
+    out_dir = writable_folder(config.out_dir, "--out-dir")
     path = split_path(config.data_dir)
     table = read_split(path)
     loaded_uri = tracking.resolve_model_uri(config.model_uri)
-    out_dir = config.out_dir
-    out_dir.mkdir(parents=True, exist_ok=True)
+    _set_aside_previous_outputs(out_dir)
     with tracking.stage_run(tracking.PREDICT, f"predict {path.name}") as run:
         tracking.log_new_params({**config.params(), "data": str(path), "loaded_model_uri": loaded_uri,
                                  "n_records": len(table)})
@@ -66,12 +116,7 @@ def run_predict(config: PredictConfig) -> Predicted:
         if list(predictions["id"]) != list(table["id"]):
             raise ValueError(f"{loaded_uri} returned predictions for other ids or in another order than {path}")
 
-        prediction_json = out_dir / tracking.PREDICTION_JSON
-        prediction_json.write_text(json.dumps(
-            [{"id": i, "label": int(label)} for i, label in zip(predictions["id"], predictions["label"])], indent=1))
-        prediction_zip = out_dir / tracking.PREDICTION_ZIP
-        with zipfile.ZipFile(prediction_zip, "w", compression=zipfile.ZIP_DEFLATED) as archive:
-            archive.write(prediction_json, arcname=tracking.PREDICTION_JSON)
+        prediction_json, prediction_zip = _write_outputs(out_dir, predictions)
         mlflow.log_artifact(str(prediction_json))
         mlflow.log_artifact(str(prediction_zip))
         mlflow.log_dict(list(predictions["id"]), tracking.PREDICT_IDS)
