@@ -32,7 +32,6 @@ import fcntl
 import importlib.util
 import math
 import os
-import re
 import time
 import warnings
 from concurrent.futures import ThreadPoolExecutor
@@ -55,6 +54,7 @@ from psydef.calibration.estimate import GainEstimate, estimate_gain
 from psydef.calibration.rule import EnsembleSpec, simplex_weights
 from psydef.calibration.score import CandidateScorer, per_class_f1
 from psydef.core.labels import HIGH_ADAPTIVE, N_LEVELS
+from psydef.tracking import redact_uri  # MLflow-free at import: the one password mask
 
 DEFAULT_BATCH = {"tpe": 8, "random": 1024}  # cmaes: one generation (its population size)
 LOCK_SUFFIX = ".study-lock"
@@ -161,19 +161,14 @@ def _parse_storage(storage) -> tuple[str, str] | None:
     if s.startswith(POSTGRES_PREFIX):
         return "postgresql", s
     if s.startswith("postgresql"):
-        raise ValueError(f"Unsupported storage {_masked(s)!r}: name the driver, {POSTGRES_PREFIX}//USER@HOST/DB "
+        raise ValueError(f"Unsupported storage {redact_uri(s)!r}: name the driver, {POSTGRES_PREFIX}//USER@HOST/DB "
                          "(SQLAlchemy maps a bare postgresql:// to psycopg 3, which psydef does not install).")
     if s.startswith("journal://"):
         return "journal", s[len("journal://"):]
     if s.endswith(".journal"):
         return "journal", s
-    raise ValueError(f"Unsupported storage {_masked(s)!r}: use None, 'sqlite:///path.db', "
+    raise ValueError(f"Unsupported storage {redact_uri(s)!r}: use None, 'sqlite:///path.db', "
                      f"'{POSTGRES_PREFIX}//USER@HOST:PORT/DB', 'path.journal' or 'journal://path'.")
-
-
-def _masked(address: str) -> str:
-    """user:password@ -> user:***@, for messages."""
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", address)
 
 
 def _open_storage(parsed: tuple[str, str] | None) -> optuna.storages.BaseStorage | None:
