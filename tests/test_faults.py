@@ -241,3 +241,32 @@ def test_fold_banners_estimate_the_training_left(monkeypatch, capsys):
     assert lines[1:] == ["== train seed 42: fold 1/5",
                          "== train seed 42: fold 2/5 (about 9 min of training left: 1.0 min per fold so far)",
                          "== train seed 42: fold 3/5 (about 8 min of training left: 1.0 min per fold so far)"]
+
+
+# ---- 8. a bad PSYDEF_MAX_* is the setting's fault, not the client's nor the model's ------------
+def _bad_limit_error(variable: str, value: str, default: int) -> str:
+    return (f"{variable}={value!r} in this process's environment is not a limit: set it to a whole number >= 1, "
+            f"or unset it for the default {default:,}")
+
+
+def test_a_model_server_with_a_bad_input_limit_does_not_start(store, tmp_path):
+    """It exits with the variable named instead of answering /ping and then HTTP 400 to every request."""
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI, "--env-manager",
+                           "local", "-p", str(free_port()), "-h", "127.0.0.1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env=clean_env() | {"MLFLOW_TRACKING_URI": store.uri, "PSYDEF_MAX_REQUEST_ROWS": "ten",
+                                             "PATH": f"{bin_dir}:{clean_env()['PATH']}"})
+    assert proc.returncode != 0
+    assert _bad_limit_error("PSYDEF_MAX_REQUEST_ROWS", "ten", 10_000) in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["register", "promote", "predict"])
+def test_a_bad_input_limit_is_named_before_any_run(store, data_dir, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("PSYDEF_MAX_DIALOGUE_TURNS", "0")
+    args = {"register": ["--tune-run", store.tune.good], "promote": [],
+            "predict": ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")]}[command]
+    runs_before = len(_stage_runs(store, command))
+    error = _error_line(_cli(store, command, *args))
+    assert error == "Error: " + _bad_limit_error("PSYDEF_MAX_DIALOGUE_TURNS", "0", 200)
+    assert len(_stage_runs(store, command)) == runs_before

@@ -98,6 +98,9 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     version of ``name``; returns the ``ModelVersion``."""
     import mlflow
 
+    from psydef.core.data import InputLimits
+
+    InputLimits.from_env()  # the limits the smoke test's model loads with: a bad one is the setting's fault
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
     missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
