@@ -98,7 +98,8 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI, else the local SQLite default)
     and at ``experiment`` (else $MLFLOW_EXPERIMENT_NAME, else ``psydef``). Returns the experiment id.
 
-    Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it. The store is
+    Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it (in a SQLite store
+    with this store's own artifact root: :func:`_store_artifact_root_under_mlflow_run`). The store is
     probed first (:func:`probe`); an http(s) URI's ``user:password@`` goes to MLflow as its login
     (:func:`_credentials_to_env`), not in the URI."""
     import mlflow
@@ -113,7 +114,9 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     mlflow.set_tracking_uri(_credentials_to_env(uri))
     active_run_id = os.environ.get("MLFLOW_RUN_ID")
     if active_run_id and not experiment:  # launched by `mlflow run`: its run names the experiment
-        found = mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id)
+        launched = mlflow.get_run(active_run_id)
+        _store_artifact_root_under_mlflow_run(uri, launched)
+        found = mlflow.set_experiment(experiment_id=launched.info.experiment_id)
     else:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         root = sqlite_artifact_root(uri)
@@ -148,6 +151,51 @@ def sqlite_artifact_root(uri: str) -> str | None:
     if str(db) in ("", ":memory:"):
         return None
     return (db.resolve().parent / "mlruns" / db.stem).as_uri()
+
+
+def _is_mlflow_default_root(location: str, experiment_id: str) -> bool:
+    """Whether ``location`` is MLflow's default artifact root of a SQLite store's experiment,
+    ``<working directory>/mlruns/<experiment id>``, which every SQLite store in that folder shares."""
+    import urllib.parse
+
+    path = Path(urllib.parse.urlparse(location).path)
+    return path.name == str(experiment_id) and path.parent.name == "mlruns"
+
+
+def _store_artifact_root_under_mlflow_run(uri: str, run) -> None:
+    """Under ``mlflow run`` in a SQLite store: ``mlflow run`` created a new experiment with MLflow's default
+    artifact root (``./mlruns/<id>``, shared by every SQLite store in the folder) and the run in it before
+    psydef starts. Give the experiment this store's own root (:func:`sqlite_artifact_root`), and the run
+    its place there while it holds no artifact yet, so that two stores in one folder never mix artifacts.
+    MLflow has no API to change an artifact location: the two columns are written through MLflow's own
+    SQLAlchemy models, in the store's own session."""
+    root = sqlite_artifact_root(uri)
+    if root is None:
+        return
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment, SqlRun
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    experiment_id, run_id = run.info.experiment_id, run.info.run_id
+    experiment = client().get_experiment(experiment_id)
+    move_experiment = experiment.artifact_location != root and _is_mlflow_default_root(experiment.artifact_location,
+                                                                                       experiment_id)
+    run_root = run.info.artifact_uri.removesuffix(f"/{run_id}/artifacts")  # it may predate a sibling's move
+    folder = Path(local_file_uri_to_path(run.info.artifact_uri))
+    move_run = run_root != root and _is_mlflow_default_root(run_root, experiment_id) and not (
+        folder.is_dir() and any(folder.iterdir()))
+    if not (move_experiment or move_run):
+        return
+    with _get_store().ManagedSessionMaker() as session:
+        if move_experiment:
+            session.query(SqlExperiment).filter(SqlExperiment.experiment_id == int(experiment_id)).update(
+                {SqlExperiment.artifact_location: root})
+        if move_run:
+            session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update(
+                {SqlRun.artifact_uri: f"{root}/{run_id}/artifacts"})
+    if move_experiment:
+        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in {experiment.artifact_location}, "
+              f"which every SQLite store of that folder shares) now keeps them in {root}")
 
 
 PROBE_TIMEOUT_S = 5  # the first contact with a tracking server or database; MLflow's own retries apply after it
