@@ -194,8 +194,9 @@ def _store_artifact_root_under_mlflow_run(uri: str, run) -> None:
             session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update(
                 {SqlRun.artifact_uri: f"{root}/{run_id}/artifacts"})
     if move_experiment:
-        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in {experiment.artifact_location}, "
-              f"which every SQLite store of that folder shares) now keeps them in {root}")
+        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
+              f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps them in "
+              f"{root}")
 
 
 PROBE_TIMEOUT_S = 5  # the first contact with a tracking server or database; MLflow's own retries apply after it
@@ -866,6 +867,7 @@ def smoke_test(model_uri: str) -> None:
     try:
         out = model.predict(example)
     except Exception as err:  # whatever breaks predicting, the model is not servable
-        raise ValueError(f"{redact_uri(model_uri)} failed to predict on the built-in example: {_one_line(err)}") from err
+        raise ValueError(f"{redact_uri(model_uri)} failed to predict on the built-in example: "
+                         f"{_one_line(err)}") from err
     if list(out["id"]) != list(example["id"]) or not np.allclose(out[list(PROB_COLUMNS)].sum(axis=1), 1.0):
         raise ValueError(f"{redact_uri(model_uri)} answered the built-in example with an invalid prediction:\n{out}")

@@ -301,14 +301,15 @@ def test_register_names_what_is_wrong_with_a_tune_ensemble_file(store, content, 
 
     spec = mlflow.artifacts.load_dict(tracking.artifact_uri(store.tune.good, tracking.ENSEMBLE_JSON))
     text = {"[]": "[]", "members": "members", "cut": json.dumps(spec)[:40], None: None,
-            "weightless": json.dumps({**spec, "members": [spec["members"][0], {"run_id": spec["members"][1]["run_id"]}]}),
+            "weightless": json.dumps({**spec, "members": [spec["members"][0],
+                                                          {"run_id": spec["members"][1]["run_id"]}]}),
             "no delta": json.dumps({k: v for k, v in spec.items() if k != "delta"})}[content]
     tune_run = _tune_run_with_ensemble_file(store, text)
     before = _versions()
     error = _error_line(_cli(store, "register", "--tune-run", tune_run))
     assert error.startswith(f"Error: tune run {tune_run}"), error
     assert message in error, error
-    assert error.endswith("run tune again and register its new run" if content else "run tune again and register its run")
+    assert error.endswith("run tune again and register its " + ("new run" if content else "run"))
     assert _versions() == before
 
 
@@ -346,7 +347,8 @@ def test_a_corrupt_minilm_adapter_names_its_file_and_field(fold_adapter, corrupt
     from psydef.backbones import load_adapter
 
     corrupt(fold_adapter)
-    with pytest.raises(ValueError, match=re.escape(str(fold_adapter / file)) + ": " + message + ".*; train that fold again"):
+    expected = re.escape(str(fold_adapter / file)) + ": " + message + ".*; train that fold again"
+    with pytest.raises(ValueError, match=expected):
         load_adapter(fold_adapter)
 
 

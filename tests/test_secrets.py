@@ -30,7 +30,8 @@ SECRET = "s3cr/et?x"  # a '/' and a '?' inside: both broke earlier masks
     ("mysql+pymysql://:pw@db/x?PWD=a&sslpassword=b&token=c&api_key=d",
      "mysql+pymysql://:***@db/x?PWD=***&sslpassword=***&token=***&api_key=***"),
     ("http://alice:p%40ss@mlflow.internal:5000", "http://alice:***@mlflow.internal:5000"),
-    ("see http://alice:pw@h:5000 and postgresql://u:pw2@h/db.", "see http://alice:***@h:5000 and postgresql://u:***@h/db."),
+    ("see http://alice:pw@h:5000 and postgresql://u:pw2@h/db.",
+     "see http://alice:***@h:5000 and postgresql://u:***@h/db."),
     ("sqlite:///runs@home/mlflow.db", "sqlite:///runs@home/mlflow.db"),
     ("models:/psydef-ensemble@production", "models:/psydef-ensemble@production"),
     ("http://127.0.0.1:5000 does not answer; mail admin@example.org", None),
@@ -46,11 +47,13 @@ def test_start_server_masks_the_store_password(tmp_path):
     (bin_dir / "mlflow").write_text('#!/bin/sh\necho "mlflow argv: $*"\n')
     (bin_dir / "mlflow").chmod(0o755)
     store = f"postgresql+psycopg2://psydef:{SECRET}@db:5432/mlflow?sslmode=require&password={SECRET}"
-    env = clean_env() | {"FOREGROUND": "1", "BACKEND_STORE_URI": store,
-                          "PATH": f"{bin_dir}{os.pathsep}{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
-    proc = subprocess.run(["bash", str(START_SERVER)], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=60)
+    path = os.pathsep.join([str(bin_dir), os.path.dirname(sys.executable), os.environ["PATH"]])
+    env = clean_env() | {"FOREGROUND": "1", "BACKEND_STORE_URI": store, "PATH": path}
+    proc = subprocess.run(["bash", str(START_SERVER)], cwd=tmp_path, env=env, capture_output=True, text=True,
+                          timeout=60)
     assert proc.returncode == 0, proc.stderr
-    assert "store postgresql+psycopg2://psydef:***@db:5432/mlflow?sslmode=require&password=***," in proc.stdout, proc.stdout
+    shown = "store postgresql+psycopg2://psydef:***@db:5432/mlflow?sslmode=require&password=***,"
+    assert shown in proc.stdout, proc.stdout
     assert "s3cr" not in proc.stdout + proc.stderr
 
 
@@ -146,15 +149,16 @@ def test_a_password_that_mlflow_run_logged_from_p_is_warned_about(tracking_uri, 
 
 # ---- databases: one line at once --------------------------------------------------------------------
 def test_an_unreachable_postgresql_tracking_store_is_one_line(data_dir, tmp_path):
-    uri = f"postgresql+psycopg2://psydef:{SECRET}@127.0.0.1:{free_port()}/mlflow"  # nothing listens there
+    port = free_port()
+    uri = f"postgresql+psycopg2://psydef:{SECRET}@127.0.0.1:{port}/mlflow"  # nothing listens there
     proc = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
                           env=clean_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
     assert proc.stdout == "" and "s3cr" not in proc.stderr
     assert proc.stderr.splitlines() == [
-        f"Error: tracking store {tracking.redact_uri(uri)} does not answer (TCP 127.0.0.1:{uri.split(':')[3].split('/')[0]}: "
-        "Connection refused): check that the database server is running, its host and port, and "
+        f"Error: tracking store {tracking.redact_uri(uri)} does not answer (TCP 127.0.0.1:{port}: Connection refused)"
+        ": check that the database server is running, its host and port, and "
         "MLFLOW_TRACKING_URI / --tracking-uri"], proc.stderr
 
 
@@ -163,7 +167,8 @@ def test_an_unreachable_optuna_storage_is_one_line(tracking_uri):
     result = CliRunner().invoke(cli, ["tune", "--train-runs", "a,b", "--storage", storage, "--tracking-uri",
                                       tracking_uri])
     assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
-    assert result.output.startswith(f"Error: Optuna storage {tracking.redact_uri(storage)} does not answer (TCP "), result.output
+    expected = f"Error: Optuna storage {tracking.redact_uri(storage)} does not answer (TCP "
+    assert result.output.startswith(expected), result.output
     assert "--storage (-P storage)" in result.output and "s3cr" not in result.output
     assert not mlflow.search_runs(search_all_experiments=True, output_format="list")  # refused before any run
 

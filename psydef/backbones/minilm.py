@@ -278,8 +278,8 @@ class MiniLMBackbone(Backbone):
             rows = 1 if len(classes) == 2 else len(classes)  # sklearn keeps one row of coefficients for two
             if coef.shape != (rows, width) or intercept.shape != (rows,):
                 raise ValueError(f"{weights_file}: {group}.coef has shape {coef.shape} and {group}.intercept "
-                                 f"{intercept.shape}, but {len(classes)} classes and {width} features ({VOCAB_FILE} and "
-                                 f"the config) need ({rows}, {width}) and ({rows},); {again}")
+                                 f"{intercept.shape}, but {len(classes)} classes and {width} features "
+                                 f"({VOCAB_FILE} and the config) need ({rows}, {width}) and ({rows},); {again}")
 
     def _vectorizer_names(self) -> list[str]:
         """The TF-IDF vectorizers this config fits, in order."""

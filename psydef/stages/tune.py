@@ -156,7 +156,8 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
         tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
                                           "n_dialogues": n_dialogues})
         print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
-              f"{tracking.redact_uri(storage) if storage else 'in-memory'}), then the gain estimate: the search rerun with {inner_trials} trials "
+              f"{tracking.redact_uri(storage) if storage else 'in-memory'}), then the gain estimate: the search rerun "
+              f"with {inner_trials} trials "
               "in each fold of repeated record-level K-fold splits")
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar stands for Optuna's line per trial
