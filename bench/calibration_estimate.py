@@ -102,7 +102,7 @@ def main() -> None:
                    else [r.info.run_id for r in pick_train_runs(experiment_id)])
         oof = load_oof(run_ids)
         logits, y, groups = oof.logits, oof.y, oof.groups
-        print(f"data: OOF logits logged by train runs {run_ids} in {args.tracking_uri}")
+        print(f"data: OOF logits logged by train runs {run_ids} in {tracking.redact_uri(args.tracking_uri)}")
     else:
         logits, y, groups = tfidf_oof(args.data_dir, None if args.class_weight == "none" else "balanced", args.cache)
     print(f"rows {len(y)}, dialogues {len(np.unique(groups))}, members {len(logits)}, level counts "

@@ -136,7 +136,7 @@ def main() -> None:
                    else [r.info.run_id for r in tune.pick_train_runs(experiment_id)[:2]])
         oof = tune.load_oof(run_ids)
         ids, logits, y, groups = oof.ids, oof.logits, oof.y, oof.groups
-        print(f"data: OOF logits logged by train runs {run_ids} in {args.tracking_uri}")
+        print(f"data: OOF logits logged by train runs {run_ids} in {tracking.redact_uri(args.tracking_uri)}")
     else:
         ids, logits, y, groups = synthetic_oof(args.seed, args.rows, args.dialogues)
         print("data: SYNTHETIC OOF logits (no --oof or --train-runs given): 2 seeds, shared error + own noise, majority-biased")

@@ -4,7 +4,7 @@
 #                          (pip install -e ".[postgres]"). Keep the password out of the URI: libpq reads
 #                          PGPASSWORD or ~/.pgpass / PGPASSFILE. A password in the URI still stays off the
 #                          command line (the URI reaches mlflow as MLFLOW_BACKEND_STORE_URI) and is masked
-#                          in what this script prints.
+#                          in what this script prints (psydef.core.secrets.redact_uri: user:***@, ?password=***).
 #   ARTIFACTS_DESTINATION  where the server keeps artifacts (default ./mlartifacts; s3://..., gs://... with
 #                          the cloud's credentials in the environment)
 #   HOST                   127.0.0.1 (default: loopback only). Another address is refused unless
@@ -41,8 +41,11 @@ args=(server --host "$HOST" --port "$PORT" --workers "$WORKERS"
       --artifacts-destination "$ARTIFACTS_DESTINATION" --serve-artifacts)
 if [ -n "$ALLOWED_HOSTS" ]; then args+=(--allowed-hosts "$ALLOWED_HOSTS"); fi
 
-# user:password@ -> user:***@ in anything printed
-shown_store="$(printf '%s' "$BACKEND_STORE_URI" | sed -E 's#(://[^/:@]*):[^/@]*@#\1:***@#')"
+# The store URI as printed: psydef's one mask (user:***@, ?password=***), run by the Python that runs
+# mlflow, reading the URI from the environment; hidden altogether if that fails.
+shown_store="$(PYTHONPATH="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)" python -c \
+  'import os; from psydef.core.secrets import redact_uri; print(redact_uri(os.environ["MLFLOW_BACKEND_STORE_URI"]))' \
+  2>/dev/null)" || shown_store="(hidden)"
 if [ "${FOREGROUND:-0}" = 1 ]; then
   echo "mlflow server (pid $$) on http://$HOST:$PORT (store $shown_store, artifacts $ARTIFACTS_DESTINATION)"
   exec mlflow "${args[@]}"

@@ -38,7 +38,7 @@ from psydef import tracking
 from psydef.backbones import load_adapters
 from psydef.backbones.base import folder_digest
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
-from psydef.core.data import DataError, input_table
+from psydef.core.data import DataError, InputLimits, input_table
 from psydef.core.labels import PROB_COLUMNS
 
 SIGNATURE = ModelSignature(
@@ -52,6 +52,9 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
     """Rows ``id, dialogue, current_text`` -> ``id, label, prob_0..prob_8`` (calibrated blend)."""
 
     def load_context(self, context):
+        # Read once, here: a bad PSYDEF_MAX_* stops the model server from starting (one line naming the
+        # variable) rather than turning every request into an HTTP 400 that blames the client.
+        self.limits = InputLimits.from_env()
         config = context.model_config
         self.spec = EnsembleSpec.from_dict(config["ensemble"])
         keys = list(dict.fromkeys(key for member in config["adapters"] for key in member))
@@ -60,7 +63,7 @@ class EnsembleModel(mlflow.pyfunc.PythonModel):
 
     def predict(self, context, model_input: pd.DataFrame, params=None) -> pd.DataFrame:
         try:
-            rows = input_table(model_input)
+            rows = input_table(model_input, self.limits)
         except DataError as err:  # an MlflowException is what the scoring server answers with a 400
             raise MlflowException.invalid_parameter_value(str(err)) from err
         logits: dict[int, np.ndarray] = {}  # one prediction per adapter object (members may share one)

@@ -16,6 +16,8 @@ from pathlib import Path
 
 import numpy as np
 
+from psydef.core.secrets import redact_uri  # noqa: F401 (also tracking.redact_uri for callers)
+
 DEFAULT_EXPERIMENT = "psydef"
 # The embedded default: MLflow's local SQLite store in the working directory, artifacts beside it.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -97,7 +99,10 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     """Point MLflow at ``tracking_uri`` (else $MLFLOW_TRACKING_URI, else the local SQLite default)
     and at ``experiment`` (else $MLFLOW_EXPERIMENT_NAME, else ``psydef``). Returns the experiment id.
 
-    Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it."""
+    Under ``mlflow run`` the run is already open in MLflow's chosen experiment; keep it (in a SQLite store
+    with this store's own artifact root: :func:`_store_artifact_root_under_mlflow_run`). The store is
+    probed first (:func:`probe`); an http(s) URI's ``user:password@`` goes to MLflow as its login
+    (:func:`_credentials_to_env`), not in the URI."""
     import mlflow
 
     from psydef import progress
@@ -107,10 +112,12 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
     os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")  # one bar per tiny file is noise
     uri = tracking_uri or os.environ.get("MLFLOW_TRACKING_URI") or DEFAULT_TRACKING_URI
     probe(uri)
-    mlflow.set_tracking_uri(uri)
+    mlflow.set_tracking_uri(_credentials_to_env(uri))
     active_run_id = os.environ.get("MLFLOW_RUN_ID")
     if active_run_id and not experiment:  # launched by `mlflow run`: its run names the experiment
-        found = mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id)
+        launched = mlflow.get_run(active_run_id)
+        _store_artifact_root_under_mlflow_run(uri, launched)
+        found = mlflow.set_experiment(experiment_id=launched.info.experiment_id)
     else:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
         root = sqlite_artifact_root(uri)
@@ -147,35 +154,167 @@ def sqlite_artifact_root(uri: str) -> str | None:
     return (db.resolve().parent / "mlruns" / db.stem).as_uri()
 
 
-PROBE_TIMEOUT_S = 5  # the first contact with a tracking server; MLflow's own retries apply after it
+def _is_mlflow_default_root(location: str, experiment_id: str) -> bool:
+    """Whether ``location`` is MLflow's default artifact root of a SQLite store's experiment,
+    ``<working directory>/mlruns/<experiment id>``, which every SQLite store in that folder shares."""
+    import urllib.parse
+
+    path = Path(urllib.parse.urlparse(location).path)
+    return path.name == str(experiment_id) and path.parent.name == "mlruns"
+
+
+def _store_artifact_root_under_mlflow_run(uri: str, run) -> None:
+    """Under ``mlflow run`` in a SQLite store: ``mlflow run`` created a new experiment with MLflow's default
+    artifact root (``./mlruns/<id>``, shared by every SQLite store in the folder) and the run in it before
+    psydef starts. Give the experiment this store's own root (:func:`sqlite_artifact_root`), and the run
+    its place there while it holds no artifact yet, so that two stores in one folder never mix artifacts.
+    MLflow has no API to change an artifact location: the two columns are written through MLflow's own
+    SQLAlchemy models, in the store's own session."""
+    root = sqlite_artifact_root(uri)
+    if root is None:
+        return
+    from mlflow.store.tracking.dbmodels.models import SqlExperiment, SqlRun
+    from mlflow.tracking._tracking_service.utils import _get_store
+    from mlflow.utils.file_utils import local_file_uri_to_path
+
+    experiment_id, run_id = run.info.experiment_id, run.info.run_id
+    experiment = client().get_experiment(experiment_id)
+    move_experiment = experiment.artifact_location != root and _is_mlflow_default_root(experiment.artifact_location,
+                                                                                       experiment_id)
+    run_root = run.info.artifact_uri.removesuffix(f"/{run_id}/artifacts")  # it may predate a sibling's move
+    folder = Path(local_file_uri_to_path(run.info.artifact_uri))
+    move_run = run_root != root and _is_mlflow_default_root(run_root, experiment_id) and not (
+        folder.is_dir() and any(folder.iterdir()))
+    if not (move_experiment or move_run):
+        return
+    with _get_store().ManagedSessionMaker() as session:
+        if move_experiment:
+            session.query(SqlExperiment).filter(SqlExperiment.experiment_id == int(experiment_id)).update(
+                {SqlExperiment.artifact_location: root})
+        if move_run:
+            session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update(
+                {SqlRun.artifact_uri: f"{root}/{run_id}/artifacts"})
+    if move_experiment:
+        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
+              f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps them in "
+              f"{root}")
+
+
+PROBE_TIMEOUT_S = 5  # the first contact with a tracking server or database; MLflow's own retries apply after it
+
+def split_userinfo(uri: str) -> tuple[str, str | None, str | None]:
+    """An http(s) URI without its ``user:password@``, and the (percent-decoded) user and password."""
+    import urllib.parse
+
+    parts = urllib.parse.urlsplit(uri)
+    if parts.username is None and parts.password is None:
+        return uri, None, None
+    host = parts.netloc.rpartition("@")[2]
+    plain = urllib.parse.urlunsplit(parts._replace(netloc=host))
+    unquote = urllib.parse.unquote
+    return plain, unquote(parts.username or ""), None if parts.password is None else unquote(parts.password)
+
+
+def _credentials_to_env(uri: str) -> str:
+    """An http(s) tracking URI with its ``user:password@`` moved to MLFLOW_TRACKING_USERNAME/PASSWORD
+    (unless those are set: MLflow lets them win over the URI), so that MLflow's client, which prints
+    and hands on its tracking URI (run links, subprocesses), never holds the password in it."""
+    if not uri.startswith(("http://", "https://")):
+        return uri
+    plain, user, password = split_userinfo(uri)
+    if user is not None and password is not None:
+        os.environ.setdefault("MLFLOW_TRACKING_USERNAME", user)
+        os.environ.setdefault("MLFLOW_TRACKING_PASSWORD", password)
+    return plain
 
 
 class TrackingStoreUnreachable(ValueError):
-    """The tracking server did not answer the first request."""
+    """The tracking server or database did not answer the first request."""
 
 
-def probe(uri: str, timeout: float = PROBE_TIMEOUT_S) -> None:
-    """For an http(s) tracking URI: one request to ``/health`` with a short timeout, so that a server
-    that is not there fails at once with one line (MLflow would retry for minutes, then print a
-    chained traceback). An MLflow server answers 200 (401/403 behind a login); any other status
-    means something else listens there."""
-    if not uri.startswith(("http://", "https://")):
-        return
+# SQLAlchemy database stores (MLflow's and Optuna's): the default port of each, for the probe
+DATABASE_PORTS = {"postgresql": 5432, "mysql": 3306, "mssql": 1433}
+
+
+def probe(uri: str, timeout: float = PROBE_TIMEOUT_S, *, setting: str = "MLFLOW_TRACKING_URI / --tracking-uri",
+          what: str = "tracking store") -> None:
+    """One first contact with a short timeout, so that a store that is not there fails at once with one
+    line (MLflow and Optuna retry for minutes, then print chained tracebacks): ``/health`` of an http(s)
+    tracking server (with basic auth from the URI's ``user:password@`` or MLFLOW_TRACKING_USERNAME/
+    PASSWORD), one connection to a PostgreSQL, MySQL or SQL Server database. ``setting`` names where the
+    URI came from, ``what`` the store, in the message; the URI is printed with its password masked."""
+    if uri.startswith(("http://", "https://")):
+        _probe_http(uri, timeout, setting)
+    elif uri.split(":", 1)[0].split("+", 1)[0] in DATABASE_PORTS:
+        _probe_database(uri, timeout, setting, what)
+
+
+def _probe_http(uri: str, timeout: float, setting: str) -> None:
+    """An MLflow server answers /health with 200 (401/403 behind a login); any other status means
+    something else listens there."""
+    import base64
     import urllib.error
     import urllib.request
 
+    plain, user, password = split_userinfo(uri)
+    user, password = (os.environ.get("MLFLOW_TRACKING_USERNAME", user),
+                      os.environ.get("MLFLOW_TRACKING_PASSWORD", password))
+    request = urllib.request.Request(f"{plain.rstrip('/')}/health")
+    if user is not None and password is not None:
+        token = base64.b64encode(f"{user}:{password}".encode()).decode()
+        request.add_header("Authorization", f"Basic {token}")
+    shown = redact_uri(uri)
     try:
-        urllib.request.urlopen(f"{uri.rstrip('/')}/health", timeout=timeout).close()
+        urllib.request.urlopen(request, timeout=timeout).close()
     except urllib.error.HTTPError as err:
         if err.code not in (401, 403):
             raise TrackingStoreUnreachable(
-                f"tracking server {uri} does not answer like an MLflow server (HTTP {err.code} for /health): check "
-                "its host, port and path, and MLFLOW_TRACKING_URI / --tracking-uri") from None
+                f"tracking server {shown} does not answer like an MLflow server (HTTP {err.code} for /health): check "
+                f"its host, port and path, and {setting}") from None
     except (OSError, ValueError) as err:
-        reason = getattr(err, "reason", err)
+        reason = redact_uri(getattr(err, "reason", err))
         raise TrackingStoreUnreachable(
-            f"tracking server {uri} does not answer ({reason}): check that it is running (bash "
-            "mlruns_config/start_server.sh), its host and port, and MLFLOW_TRACKING_URI / --tracking-uri") from None
+            f"tracking server {shown} does not answer ({reason}): check that it is running (bash "
+            f"mlruns_config/start_server.sh), its host and port, and {setting}") from None
+
+
+def _probe_database(uri: str, timeout: float, setting: str, what: str) -> None:
+    """A TCP connection to the database's host and port, then one login through SQLAlchemy: an
+    unreachable server, a wrong password, a missing database or driver fail here in one line."""
+    import sqlalchemy
+    from sqlalchemy.engine import make_url
+
+    shown = redact_uri(uri)
+    try:
+        url = make_url(uri)
+    except (sqlalchemy.exc.ArgumentError, ValueError) as err:
+        raise TrackingStoreUnreachable(f"{what} {shown} is not a valid database URI ({redact_uri(err)}); "
+                                       f"check {setting}") from None
+    if url.host and not url.host.startswith("/"):  # else a unix socket (libpq's host=/path): the login below
+        port = url.port or DATABASE_PORTS[url.get_backend_name()]
+        try:
+            socket.create_connection((url.host, port), timeout=timeout).close()
+        except OSError as err:
+            raise TrackingStoreUnreachable(
+                f"{what} {shown} does not answer (TCP {url.host}:{port}: {err.strerror or err}): check that the "
+                f"database server is running, its host and port, and {setting}") from None
+    # psycopg2 and the MySQL drivers take connect_timeout (seconds); a server that accepted TCP answers a login
+    timeouts = {"connect_timeout": int(timeout)} if url.get_driver_name() in (
+        "psycopg2", "psycopg", "pymysql", "mysqldb") else {}
+    try:
+        engine = sqlalchemy.create_engine(url, poolclass=sqlalchemy.pool.NullPool, connect_args=timeouts)
+        try:
+            engine.connect().close()
+        finally:
+            engine.dispose()
+    except ImportError as err:
+        raise TrackingStoreUnreachable(f"{what} {shown}: its database driver is not installed ({err}); "
+                                       'pip install -e ".[postgres]" for postgresql+psycopg2') from None
+    except sqlalchemy.exc.SQLAlchemyError as err:
+        reason = " ".join(str(getattr(err, "orig", None) or err).split())
+        raise TrackingStoreUnreachable(
+            f"{what} {shown} refused the connection ({redact_uri(reason)[:300]}): check the user, the database "
+            f"and the password (keep it out of the URI: libpq reads PGPASSWORD or ~/.pgpass), and {setting}") from None
 
 
 def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
@@ -188,7 +327,7 @@ def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
     try:
         run = mlflow.get_run(run_id)
     except MlflowException as err:
-        raise ValueError(f"{what} {run_id!r} does not exist in {mlflow.get_tracking_uri()}") from err
+        raise ValueError(f"{what} {run_id!r} does not exist in {redact_uri(mlflow.get_tracking_uri())}") from err
     found = run.data.tags.get(STAGE)
     if stage and found != stage:
         hint = " (a fold run: pass its parent train run)" if found == FOLD_RUN else ""
@@ -224,20 +363,32 @@ def stage_run(stage: str, run_name: str, tags: dict | None = None):
     mark_dead_runs_failed()
     with _failed_on_sigterm(), mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
         mlflow.set_tags({STAGE: stage, **(tags or {})})  # start_run ignores tags when resuming a run
+        _warn_exposed_params(run)
         progress.banner(f"{stage}: {run_name} (run {run.info.run_id})")
         with heartbeat(run.info.run_id):
             yield run
 
 
+def _warn_exposed_params(run) -> None:
+    """Say so when the run holds a password in a param: only ``mlflow run`` logs one (from ``-P``, before
+    psydef starts), and a param can be neither changed nor deleted."""
+    exposed = sorted(key for key, value in run.data.params.items() if redact_uri(value) != value)
+    if exposed:
+        print(f"warning: run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
+              "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
+              "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
+
+
 def log_new_params(params: dict, run_id: str | None = None) -> None:
     """Log the params the run (default: the active one) does not hold yet. Under ``mlflow run`` the
-    ``-P`` values are already the run's params (as strings), and MLflow refuses to change a value."""
+    ``-P`` values are already the run's params (as strings), and MLflow refuses to change a value.
+    Passwords in the values are masked (:func:`redact_uri`)."""
     import mlflow
     from mlflow.entities import Param
 
     run_id = run_id or mlflow.active_run().info.run_id
     given = mlflow.get_run(run_id).data.params
-    new = [Param(key, str(value)) for key, value in params.items() if key not in given]
+    new = [Param(key, redact_uri(str(value))) for key, value in params.items() if key not in given]
     mlflow.MlflowClient().log_batch(run_id, params=new)
 
 
@@ -245,7 +396,7 @@ def describe(text: str, run_id: str | None = None) -> None:
     """The run's description (default: the active run's), shown in the UI's run page and runs table."""
     import mlflow
 
-    client().set_tag(run_id or mlflow.active_run().info.run_id, NOTE, text)
+    client().set_tag(run_id or mlflow.active_run().info.run_id, NOTE, redact_uri(text))
 
 
 def log_dataset(table, path: str | Path, *, name: str, digest: str, context: str, targets: str | None = None) -> None:
@@ -393,7 +544,7 @@ def model_version(name: str, version: str | int | None):
 
 def describe_version(name: str, version: str | int, text: str) -> None:
     """A model version's description, shown on the UI's model and version pages."""
-    client().update_model_version(name, str(version), description=text)
+    client().update_model_version(name, str(version), description=redact_uri(text))
 
 
 def resolve_model_uri(model_uri: str) -> str:
@@ -415,7 +566,7 @@ def resolve_model_uri(model_uri: str) -> str:
         try:
             mlflow.models.get_model_info(model_uri)
         except (MlflowException, OSError) as err:
-            raise ValueError(f"{model_uri} does not resolve to a model: {err}") from err
+            raise ValueError(f"{redact_uri(model_uri)} does not resolve to a model: {redact_uri(err)}") from err
         return model_uri
     name, alias = parsed.name, parsed.alias
     if parsed.version is not None:  # MLflow's resolver does not check that the version exists
@@ -683,11 +834,11 @@ def load_model(model_uri: str):
     try:
         return mlflow.pyfunc.load_model(model_uri)
     except Exception as err:  # whatever breaks loading: a broken file, a missing package, ...
-        raise ValueError(f"{model_uri} failed to load: {_one_line(err)}") from err
+        raise ValueError(f"{redact_uri(model_uri)} failed to load: {_one_line(err)}") from err
 
 
 def _one_line(err: BaseException) -> str:
-    text = " ".join(str(err).split())
+    text = redact_uri(" ".join(str(err).split()))
     return f"{type(err).__name__}: {text[:300]}{'...' if len(text) > 300 else ''}"
 
 
@@ -702,6 +853,7 @@ def smoke_test(model_uri: str) -> None:
     try:
         out = model.predict(example)
     except Exception as err:  # whatever breaks predicting, the model is not servable
-        raise ValueError(f"{model_uri} failed to predict on the built-in example: {_one_line(err)}") from err
+        raise ValueError(f"{redact_uri(model_uri)} failed to predict on the built-in example: "
+                         f"{_one_line(err)}") from err
     if list(out["id"]) != list(example["id"]) or not np.allclose(out[list(PROB_COLUMNS)].sum(axis=1), 1.0):
-        raise ValueError(f"{model_uri} answered the built-in example with an invalid prediction:\n{out}")
+        raise ValueError(f"{redact_uri(model_uri)} answered the built-in example with an invalid prediction:\n{out}")

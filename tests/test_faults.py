@@ -3,6 +3,7 @@ processes killed (SIGKILL, SIGTERM) or silent on another machine.
 
 The store is the registered tiny ensemble of tests/fixtures/stores.py (``registry_store``, ``champion``); the
 killed processes are real ``python -m entrypoints.*`` jobs (tests/fixtures/jobs.py: ``TrainJobs``)."""
+import re
 import shutil
 import signal
 import socket
@@ -20,7 +21,7 @@ from mlflow.entities import LoggedModelStatus
 
 from entrypoints.cli import cli
 from psydef import tracking
-from psydef.backbones.minilm import WEIGHTS_FILE
+from psydef.backbones.minilm import VOCAB_FILE, WEIGHTS_FILE
 from tests.fixtures.jobs import REPO, TrainJobs
 from tests.fixtures.server import clean_env, free_port
 
@@ -241,3 +242,126 @@ def test_fold_banners_estimate_the_training_left(monkeypatch, capsys):
     assert lines[1:] == ["== train seed 42: fold 1/5",
                          "== train seed 42: fold 2/5 (about 9 min of training left: 1.0 min per fold so far)",
                          "== train seed 42: fold 3/5 (about 8 min of training left: 1.0 min per fold so far)"]
+
+
+# ---- 8. a bad PSYDEF_MAX_* is the setting's fault, not the client's nor the model's ------------
+def _bad_limit_error(variable: str, value: str, default: int) -> str:
+    return (f"{variable}={value!r} in this process's environment is not a limit: set it to a whole number >= 1, "
+            f"or unset it for the default {default:,}")
+
+
+def test_a_model_server_with_a_bad_input_limit_does_not_start(store, tmp_path):
+    """It exits with the variable named instead of answering /ping and then HTTP 400 to every request."""
+    bin_dir = Path(sys.executable).parent
+    proc = subprocess.run([str(bin_dir / "mlflow"), "models", "serve", "-m", tracking.PRODUCTION_URI, "--env-manager",
+                           "local", "-p", str(free_port()), "-h", "127.0.0.1"], cwd=tmp_path, capture_output=True,
+                          text=True, timeout=300,
+                          env=clean_env() | {"MLFLOW_TRACKING_URI": store.uri, "PSYDEF_MAX_REQUEST_ROWS": "ten",
+                                             "PATH": f"{bin_dir}:{clean_env()['PATH']}"})
+    assert proc.returncode != 0
+    assert _bad_limit_error("PSYDEF_MAX_REQUEST_ROWS", "ten", 10_000) in proc.stdout + proc.stderr, proc.stderr[-3000:]
+
+
+@pytest.mark.parametrize("command", ["register", "promote", "predict"])
+def test_a_bad_input_limit_is_named_before_any_run(store, data_dir, tmp_path, monkeypatch, command):
+    monkeypatch.setenv("PSYDEF_MAX_DIALOGUE_TURNS", "0")
+    args = {"register": ["--tune-run", store.tune.good], "promote": [],
+            "predict": ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out")]}[command]
+    runs_before = len(_stage_runs(store, command))
+    error = _error_line(_cli(store, command, *args))
+    assert error == "Error: " + _bad_limit_error("PSYDEF_MAX_DIALOGUE_TURNS", "0", 200)
+    assert len(_stage_runs(store, command)) == runs_before
+
+
+# ---- 9. corrupt artifacts: one line naming the run or model, the file and the field -------------
+def _tune_run_with_ensemble_file(store, text: str | None) -> str:
+    """A finished tune run with its metrics and ``text`` as its ensemble.json (none when None)."""
+    client = MlflowClient()
+    run = client.create_run(client.get_experiment_by_name(store.experiment).experiment_id,
+                            tags={tracking.STAGE: tracking.TUNE})
+    for metric in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1):
+        client.log_metric(run.info.run_id, metric, 0.5)
+    if text is not None:
+        client.log_text(run.info.run_id, text, tracking.ENSEMBLE_JSON)
+    client.set_terminated(run.info.run_id)
+    return run.info.run_id
+
+
+@pytest.mark.parametrize("content, message", [
+    ("[]", "is not a valid ensemble: expected a JSON object with fields members, delta, tau7; got a list"),
+    ("members", "is not valid JSON (Expecting value: line 1 column 1 (char 0); cut short?)"),
+    ("weightless", "is not a valid ensemble: members[1] must be an object with a string 'run_id' and a number "
+                   "'weight'; got {'run_id': "),
+    ("cut", "is not valid JSON (Unterminated string"),
+    ("no delta", "is not a valid ensemble: missing field(s) delta"),
+    (None, "has no ensemble.json: it did not finish"),
+], ids=["a list", "not JSON", "a member without weight", "cut short", "no delta", "missing"])
+def test_register_names_what_is_wrong_with_a_tune_ensemble_file(store, content, message):
+    import json
+
+    spec = mlflow.artifacts.load_dict(tracking.artifact_uri(store.tune.good, tracking.ENSEMBLE_JSON))
+    text = {"[]": "[]", "members": "members", "cut": json.dumps(spec)[:40], None: None,
+            "weightless": json.dumps({**spec, "members": [spec["members"][0],
+                                                          {"run_id": spec["members"][1]["run_id"]}]}),
+            "no delta": json.dumps({k: v for k, v in spec.items() if k != "delta"})}[content]
+    tune_run = _tune_run_with_ensemble_file(store, text)
+    before = _versions()
+    error = _error_line(_cli(store, "register", "--tune-run", tune_run))
+    assert error.startswith(f"Error: tune run {tune_run}"), error
+    assert message in error, error
+    assert error.endswith("run tune again and register its " + ("new run" if content else "run"))
+    assert _versions() == before
+
+
+@pytest.fixture
+def fold_adapter(store, tmp_path) -> Path:
+    """A copy of a fold adapter of the registry store (a tiny minilm)."""
+    fold = tracking.fold_runs(store.members[0])[0]
+    return Path(shutil.copytree(_local(fold.info.artifact_uri) / tracking.ADAPTER_DIR, tmp_path / "adapter"))
+
+
+def _drop_a_column(adapter: Path) -> None:
+    from safetensors.numpy import load_file, save_file
+
+    weights = load_file(str(adapter / WEIGHTS_FILE))
+    key = next(k for k in weights if k.endswith(".coef"))
+    save_file({**weights, key: weights[key][:, :-1].copy()}, str(adapter / WEIGHTS_FILE))
+
+
+def _shorten_idf(adapter: Path) -> None:
+    import json
+
+    vocab = json.loads((adapter / VOCAB_FILE).read_text())
+    vocab["word"]["idf"] = vocab["word"]["idf"][:-1]
+    (adapter / VOCAB_FILE).write_text(json.dumps(vocab))
+
+
+@pytest.mark.parametrize("corrupt, file, message", [
+    (lambda adapter: (adapter / VOCAB_FILE).write_text("{}"), VOCAB_FILE,
+     r"holds vectorizers \[\], this adapter's config needs \['word', 'context', 'history'\]"),
+    (_shorten_idf, VOCAB_FILE, r"vectorizer 'word' needs a 'vocabulary' \(term -> column 0..n-1\) and an 'idf' of n"),
+    (_drop_a_column, WEIGHTS_FILE, r"stack.coef has shape \(\d+, (\d+)\) and stack.intercept \(\d+,\), but \d+ "
+                                   r"classes and \d+ features \(tfidf.json and the config\) need"),
+], ids=["tfidf.json of {}", "an idf shorter than its vocabulary", "a coefficient column missing"])
+def test_a_corrupt_minilm_adapter_names_its_file_and_field(fold_adapter, corrupt, file, message):
+    from psydef.backbones import load_adapter
+
+    corrupt(fold_adapter)
+    expected = re.escape(str(fold_adapter / file)) + ": " + message + ".*; train that fold again"
+    with pytest.raises(ValueError, match=expected):
+        load_adapter(fold_adapter)
+
+
+def test_predict_names_the_model_and_file_of_a_corrupt_tfidf_json(store, data_dir, tmp_path):
+    """The champion's model folder with one fold adapter's tfidf.json replaced by ``{}``."""
+    client = MlflowClient()
+    champion = client.get_model_version_by_alias(NAME, tracking.PRODUCTION)
+    broken = tmp_path / "broken-model"
+    shutil.copytree(_local(client.get_model_version_download_uri(NAME, champion.version)), broken)
+    vocab = sorted(broken.rglob(VOCAB_FILE))[-1]
+    vocab.write_text("{}")
+    error = _error_line(_cli(store, "predict", "--model-uri", str(broken), "--data-dir", str(data_dir),
+                             "--out-dir", str(tmp_path / "out")))
+    assert error.startswith(f"Error: {broken} failed to load: ValueError: "), error
+    assert f"{vocab.parent.name}/{VOCAB_FILE}: holds vectorizers []" in error, error
+    assert not (tmp_path / "out" / tracking.PREDICTION_JSON).exists()

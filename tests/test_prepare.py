@@ -65,6 +65,31 @@ def test_mlflow_run_prepare_entry_point(data_dir, tracking_uri):
     assert runs[0].data.params["seed"] == "3" and runs[0].data.metrics["n_records"] == 60
 
 
+def test_mlflow_run_keeps_two_sqlite_stores_artifacts_apart(data_dir, tmp_path):
+    """README command 1 with sqlite:///a.db, then sqlite:///b.db, in one folder: `mlflow run` creates each
+    store's experiment with MLflow's default root ./mlruns/1 before psydef starts; psydef gives it the
+    store's own (mlruns/a, mlruns/b)."""
+    env = {**{k: v for k, v in os.environ.items() if not k.startswith("MLFLOW_")},
+           "MLFLOW_DISABLE_TELEMETRY": "true", "PATH": f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}"}
+    locations = {}
+    for store in ("a", "b"):
+        uri = f"sqlite:///{tmp_path}/{store}.db"
+        result = subprocess.run(
+            [sys.executable, "-m", "mlflow", "run", str(REPO), "-e", "prepare", "-P", f"data_dir={data_dir}",
+             "--env-manager", "local", "--experiment-name", "psydef"],
+            cwd=tmp_path, capture_output=True, text=True, timeout=300, env=env | {"MLFLOW_TRACKING_URI": uri})
+        assert result.returncode == 0, result.stderr[-3000:]
+        client = mlflow.MlflowClient(tracking_uri=uri)
+        experiment = client.get_experiment_by_name("psydef")
+        [run] = client.search_runs([experiment.experiment_id])
+        locations[store] = (experiment.artifact_location, run.info.artifact_uri)
+        assert {f.path for f in client.list_artifacts(run.info.run_id)} >= {tracking.FOLDS_CSV}
+        assert run.info.artifact_uri == f"{tracking.sqlite_artifact_root(uri)}/{run.info.run_id}/artifacts"
+        assert (tmp_path / "mlruns" / store / run.info.run_id / "artifacts" / tracking.FOLDS_CSV).is_file()
+    assert locations["a"][0] != locations["b"][0]
+    assert not list((tmp_path / "mlruns").glob(f"[0-9]*/**/{tracking.FOLDS_CSV}"))  # nothing in MLflow's default
+
+
 def test_prepare_on_the_real_data(real_data_dir, tracking_uri):
     prepared = run_prepare(PrepareConfig(data_dir=real_data_dir, seed=42))
     metrics = mlflow.get_run(prepared.run_id).data.metrics

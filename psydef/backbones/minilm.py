@@ -36,7 +36,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from psydef.backbones.base import Backbone, EpochCallback
-from psydef.backbones.encoder import FrozenEncoder
+from psydef.backbones.encoder import DIM, FrozenEncoder
 from psydef.core.labels import N_LEVELS
 from psydef.settings import check_fields, setting
 
@@ -73,6 +73,9 @@ def length_columns(rows: pd.DataFrame) -> np.ndarray:
     turns = np.array([len(d) for d in rows["dialogue"]], dtype=np.float64)
     words = np.array([len(text.split()) for text in rows["current_text"]], dtype=np.float64)
     return np.column_stack([np.log1p(turns) / 4, np.log1p(words) / 5])
+
+
+N_LENGTH_COLUMNS = 2  # what length_columns returns
 
 
 def tagged_context(dialogue: list[dict], turns: int) -> str:
@@ -201,8 +204,7 @@ class MiniLMBackbone(Backbone):
 
     def _fit(self, train: pd.DataFrame) -> tuple[dict, dict, float]:
         """The fitted vectorizers and members, and the training rows' mean negative log-likelihood."""
-        names = ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else []),
-                 *(["history"] if self.history_tfidf else [])]
+        names = self._vectorizer_names()
         self.vectorizers, tfidf = {}, {}
         for name in names:
             extra = {"max_features": self.max_char_features} if name == "char" else {}
@@ -252,11 +254,57 @@ class MiniLMBackbone(Backbone):
         (path / VOCAB_FILE).write_text(json.dumps(vocab))
 
     def _load_weights(self, path: Path) -> None:
+        """The saved vectorizers and members, checked against each other and against this config (a
+        ValueError naming the file and the entry at fault: a broken adapter fails here, not in a matmul)."""
         from safetensors.numpy import load_file
 
-        vocab = json.loads((path / VOCAB_FILE).read_text())
+        vocab_file, weights_file, again = path / VOCAB_FILE, path / WEIGHTS_FILE, "train that fold again"
+        vocab = json.loads(vocab_file.read_text())
+        names = self._vectorizer_names()
+        if not isinstance(vocab, dict) or sorted(vocab) != sorted(names):
+            found = sorted(vocab) if isinstance(vocab, dict) else type(vocab).__name__
+            raise ValueError(f"{vocab_file}: holds vectorizers {found}, this adapter's config needs {names}; {again}")
+        sizes = {}
+        for name, saved in vocab.items():
+            terms, idf = (saved.get("vocabulary"), saved.get("idf")) if isinstance(saved, dict) else (None, None)
+            if not isinstance(terms, dict) or not isinstance(idf, list) or \
+                    sorted(terms.values()) != list(range(len(idf))):
+                raise ValueError(f"{vocab_file}: vectorizer {name!r} needs a 'vocabulary' (term -> column 0..n-1) and "
+                                 f"an 'idf' of n numbers; {again}")
+            sizes[name] = len(idf)
         self.vectorizers = {name: _fixed_vectorizer(name, saved) for name, saved in vocab.items()}
         self.members = {}
-        for key, value in load_file(str(path / WEIGHTS_FILE)).items():
+        for key, value in load_file(str(weights_file)).items():
             group, field = key.rsplit(".", 1)
             self.members.setdefault(group, {})[field] = value
+        widths = self._view_widths(sizes)
+        if sorted(self.members) != sorted(widths):
+            raise ValueError(f"{weights_file}: holds members {sorted(self.members)}, this adapter's config needs "
+                             f"{sorted(widths)}; {again}")
+        for group, width in widths.items():
+            member = self.members[group]
+            coef, intercept, classes = (member.get(k) for k in ("coef", "intercept", "classes"))
+            if coef is None or intercept is None or classes is None:
+                raise ValueError(f"{weights_file}: member {group!r} needs coef, intercept and classes; {again}")
+            if classes.ndim != 1 or len(set(classes.tolist())) != len(classes) \
+                    or not set(classes.tolist()) <= set(range(N_LEVELS)):
+                raise ValueError(f"{weights_file}: {group}.classes must be distinct levels 0..{N_LEVELS - 1}; {again}")
+            rows = 1 if len(classes) == 2 else len(classes)  # sklearn keeps one row of coefficients for two
+            if coef.shape != (rows, width) or intercept.shape != (rows,):
+                raise ValueError(f"{weights_file}: {group}.coef has shape {coef.shape} and {group}.intercept "
+                                 f"{intercept.shape}, but {len(classes)} classes and {width} features "
+                                 f"({VOCAB_FILE} and the config) need ({rows}, {width}) and ({rows},); {again}")
+
+    def _vectorizer_names(self) -> list[str]:
+        """The TF-IDF vectorizers this config fits, in order."""
+        return ["word", *(["char"] if self.char_ngrams else []), *(["context"] if self.context_tfidf else []),
+                *(["history"] if self.history_tfidf else [])]
+
+    def _view_widths(self, sizes: dict[str, int]) -> dict[str, int]:
+        """Member group -> its number of features (see :meth:`_views`), given each vectorizer's vocabulary size."""
+        widths = {"target": sum(sizes.get(n, 0) for n in ("word", "char")) + (N_LENGTH_COLUMNS if self.length_weight > 0
+                                                                              else 0)}
+        widths |= {name: sizes[name] for name in ("context", "history") if name in sizes}
+        if self.max_length > 0:
+            widths["embed"] = DIM * (1 + (self.previous_max_length > 0) + (self.context_max_length > 0))
+        return {"stack": sum(widths.values())} if self.combine == "stack" else widths

@@ -184,10 +184,28 @@ class EnsembleSpec:
 
     @classmethod
     def from_dict(cls, d: dict) -> "EnsembleSpec":
+        """The spec of a parsed ensemble file; a one-line ValueError naming the field at fault."""
+        if not isinstance(d, dict):
+            raise ValueError(f"expected a JSON object with fields members, delta, tau7; got a {type(d).__name__}")
         unknown = set(d) - {f for f in cls.__dataclass_fields__}
         if unknown:
             raise ValueError(f"Unknown EnsembleSpec fields: {sorted(unknown)}.")
-        return cls(**d)
+        missing = [name for name in ("members", "delta", "tau7") if name not in d]
+        if missing:
+            raise ValueError(f"missing field(s) {', '.join(missing)}")
+        members = d["members"]
+        if not isinstance(members, list) or not members:
+            raise ValueError(f"field 'members' must be a non-empty list of {{run_id, weight}}; got {members!r:.80}")
+        for i, member in enumerate(members):
+            weight = member.get("weight") if isinstance(member, dict) else None
+            if not isinstance(member, dict) or not isinstance(member.get("run_id"), str) \
+                    or isinstance(weight, bool) or not isinstance(weight, (int, float)):
+                raise ValueError(f"members[{i}] must be an object with a string 'run_id' and a number 'weight'; "
+                                 f"got {member!r:.80}")
+        try:
+            return cls(**d)
+        except (TypeError, ValueError) as err:  # delta or tau7 of the wrong type or shape, weights off the simplex
+            raise ValueError(" ".join(str(err).split())) from err
 
     def to_json(self, path) -> Path:
         path = Path(path)

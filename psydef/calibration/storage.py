@@ -11,12 +11,13 @@ from __future__ import annotations
 
 import fcntl
 import os
-import re
 from contextlib import contextmanager
 
 import optuna
 from optuna.storages import JournalStorage, RDBStorage
 from optuna.storages.journal import JournalFileBackend
+
+from psydef.core.secrets import redact_uri
 
 LOCK_SUFFIX = ".study-lock"
 POSTGRES_PREFIX = "postgresql+psycopg2:"
@@ -35,19 +36,14 @@ def parse_storage(storage) -> tuple[str, str] | None:
     if s.startswith(POSTGRES_PREFIX):
         return "postgresql", s
     if s.startswith("postgresql"):
-        raise ValueError(f"Unsupported storage {_masked(s)!r}: name the driver, {POSTGRES_PREFIX}//USER@HOST/DB "
+        raise ValueError(f"Unsupported storage {redact_uri(s)!r}: name the driver, {POSTGRES_PREFIX}//USER@HOST/DB "
                          "(SQLAlchemy maps a bare postgresql:// to psycopg 3, which psydef does not install).")
     if s.startswith("journal://"):
         return "journal", s[len("journal://"):]
     if s.endswith(".journal"):
         return "journal", s
-    raise ValueError(f"Unsupported storage {_masked(s)!r}: use None, 'sqlite:///path.db', "
+    raise ValueError(f"Unsupported storage {redact_uri(s)!r}: use None, 'sqlite:///path.db', "
                      f"'{POSTGRES_PREFIX}//USER@HOST:PORT/DB', 'path.journal' or 'journal://path'.")
-
-
-def _masked(address: str) -> str:
-    """user:password@ -> user:***@, for messages."""
-    return re.sub(r"(://[^/:@]*):[^/@]*@", r"\1:***@", address)
 
 
 def open_storage(parsed: tuple[str, str] | None) -> optuna.storages.BaseStorage | None:

@@ -35,6 +35,11 @@ class DataError(ValueError):
     """Input that does not follow the official format; the message names where and what to do."""
 
 
+class InputLimitsError(ValueError):
+    """A ``PSYDEF_MAX_*`` variable of this process's environment that is not a limit: the setting's
+    fault, not the input's (a model server refuses to start with it rather than answer HTTP 400)."""
+
+
 @dataclass(frozen=True)
 class InputLimits:
     """Sizes above which a record is refused, so that one request cannot tie up a model server.
@@ -50,6 +55,8 @@ class InputLimits:
 
     @classmethod
     def from_env(cls) -> "InputLimits":
+        """The limits, with ``PSYDEF_<FIELD>`` from the environment where set; ``InputLimitsError``
+        naming the variable and its value when one is not a whole number >= 1."""
         values = {}
         for field in fields(cls):
             variable = f"PSYDEF_{field.name.upper()}"
@@ -57,11 +64,13 @@ class InputLimits:
             if raw is None:
                 continue
             try:
-                values[field.name] = int(raw)
+                value = int(raw)
             except ValueError:
-                raise DataError(f"{variable}={raw!r} is not an integer") from None
-            if values[field.name] < 1:
-                raise DataError(f"{variable}={raw!r} must be >= 1")
+                value = 0
+            if value < 1:
+                raise InputLimitsError(f"{variable}={raw!r} in this process's environment is not a limit: set it to a "
+                                       f"whole number >= 1, or unset it for the default {field.default:,}")
+            values[field.name] = value
         return cls(**values)
 
 
@@ -90,8 +99,10 @@ def _where(source: str, index: int | None, record: Any) -> str:
     return f"{source}: record {index}" + (f" (id {rid!r})" if isinstance(rid, str) else "")
 
 
-def validate_records(records: Any, *, source: str = "input", labelled: bool | None = None) -> None:
-    """Raise ``DataError`` on the first record that breaks the official format.
+def validate_records(records: Any, *, source: str = "input", labelled: bool | None = None,
+                     limits: InputLimits | None = None) -> None:
+    """Raise ``DataError`` on the first record that breaks the official format or ``limits`` (default:
+    :meth:`InputLimits.from_env`).
 
     ``labelled=True`` requires a ``label`` on every record, ``False`` ignores labels, ``None`` checks
     labels only where present."""
@@ -99,7 +110,7 @@ def validate_records(records: Any, *, source: str = "input", labelled: bool | No
         raise DataError(f"{source}: the top level must be a JSON list of records, got {type(records).__name__}")
     if not records:
         raise DataError(f"{source}: the list of records is empty")
-    limits = InputLimits.from_env()
+    limits = limits or InputLimits.from_env()
     seen: dict[str, int] = {}
     for i, rec in enumerate(records):
         where = _where(source, i, rec)
@@ -196,13 +207,13 @@ def example_input() -> pd.DataFrame:
     return pd.DataFrame({"id": ["example_0"], "dialogue": [dialogue], "current_text": [reply]})
 
 
-def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
+def input_table(model_input: pd.DataFrame, limits: InputLimits | None = None) -> pd.DataFrame:
     """The model's input as a validated data table; ``dialogue`` may be a list of turns or its JSON
     string. Raises ``DataError`` naming the row id and the field at fault, or when the input is over
-    :class:`InputLimits` (rows per call, sizes). (A missing column never gets here: MLflow's signature
-    enforcement refuses it first, naming the column.)"""
-    _limit("model input", "the number of rows", len(model_input), InputLimits.from_env().max_request_rows,
-           "PSYDEF_MAX_REQUEST_ROWS")
+    ``limits`` (rows per call, sizes; default: :meth:`InputLimits.from_env`). (A missing column never
+    gets here: MLflow's signature enforcement refuses it first, naming the column.)"""
+    limits = limits or InputLimits.from_env()
+    _limit("model input", "the number of rows", len(model_input), limits.max_request_rows, "PSYDEF_MAX_REQUEST_ROWS")
     records = []
     for i, (rid, dialogue, current_text) in enumerate(model_input.loc[:, list(INPUT_COLUMNS)].itertuples(index=False)):
         if isinstance(dialogue, str):
@@ -213,5 +224,5 @@ def input_table(model_input: pd.DataFrame) -> pd.DataFrame:
                                 f"({err}); send the list of turns or its JSON encoding") from err
         # The model never reads dialogue_id; each row stands for itself.
         records.append({"id": rid, "dialogue_id": rid, "dialogue": dialogue, "current_text": current_text})
-    validate_records(records, source="model input", labelled=False)
+    validate_records(records, source="model input", labelled=False, limits=limits)
     return records_to_table(records, labelled=False)

@@ -49,5 +49,6 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
     uri = mlflow.get_tracking_uri()
     served = uri.startswith(("http://", "https://"))
     link = tracking.ui_runs_url(uri if served else "http://127.0.0.1:5000", run.info.experiment_id)
-    print(f"main: the runs in the MLflow UI: {link}" + ("" if served else f" once mlruns_config/start_server.sh serves {uri}"))
+    print(f"main: the runs in the MLflow UI: {link}"
+          + ("" if served else f" once mlruns_config/start_server.sh serves {tracking.redact_uri(uri)}"))
     return predicted

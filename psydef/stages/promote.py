@@ -34,6 +34,9 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
     Returns the promoted ``ModelVersion``."""
     import mlflow
 
+    from psydef.core.data import InputLimits
+
+    InputLimits.from_env()  # the limits the smoke test's model loads with: a bad one is the setting's fault
     client = tracking.client()
     candidate = tracking.model_version(name, version)
     # MLflow returns version numbers as int here and str there: compare them as str

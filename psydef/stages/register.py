@@ -15,15 +15,29 @@ from psydef.stages.config import RegisterConfig
 
 
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
+    """The tune run's ensemble.json; a one-line ValueError naming the run, the file and the field at fault."""
+    import json
+
     import mlflow
     from mlflow.exceptions import MlflowException
 
+    with tempfile.TemporaryDirectory() as tmp:
+        try:
+            local = mlflow.artifacts.download_artifacts(run_id=tune_run_id, artifact_path=tracking.ENSEMBLE_JSON,
+                                                        dst_path=tmp)
+        except (MlflowException, OSError) as err:
+            raise ValueError(f"tune run {tune_run_id} has no {tracking.ENSEMBLE_JSON}: it did not finish; "
+                             "run tune again and register its run") from err
+        text = Path(local).read_text(errors="replace")
+    where, again = f"tune run {tune_run_id}: its {tracking.ENSEMBLE_JSON}", "run tune again and register its new run"
     try:
-        return EnsembleSpec.from_dict(mlflow.artifacts.load_dict(tracking.artifact_uri(tune_run_id,
-                                                                                         tracking.ENSEMBLE_JSON)))
-    except (MlflowException, OSError) as err:
-        raise ValueError(f"tune run {tune_run_id} has no {tracking.ENSEMBLE_JSON}: it did not finish; "
-                         "run tune again and register its run") from err
+        data = json.loads(text)
+    except json.JSONDecodeError as err:
+        raise ValueError(f"{where} is not valid JSON ({err}; cut short?); {again}") from err
+    try:
+        return EnsembleSpec.from_dict(data)
+    except ValueError as err:
+        raise ValueError(f"{where} is not a valid ensemble: {err}; {again}") from err
 
 
 def _download_adapter(fold_run, member_run_id: str, dst: Path) -> str:
@@ -98,6 +112,9 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     version of ``name``; returns the ``ModelVersion``."""
     import mlflow
 
+    from psydef.core.data import InputLimits
+
+    InputLimits.from_env()  # the limits the smoke test's model loads with: a bad one is the setting's fault
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
     missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]

@@ -46,7 +46,8 @@ def pick_train_runs(experiment_id: str) -> list:
     experiment = mlflow.get_experiment(experiment_id)
     runs = tracking.finished_train_runs(experiment.experiment_id)
     if not runs:
-        raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of {mlflow.get_tracking_uri()}: "
+        raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of "
+                         f"{tracking.redact_uri(mlflow.get_tracking_uri())}: "
                          "train first, or pass train_runs=RUN_ID,RUN_ID")
 
     def digest_and_backbone(run):
@@ -139,6 +140,8 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     each search rerun inside the gain estimate."""
     train_runs, n_trials, sampler, gate, seed = list(config.train_runs), config.n_trials, config.sampler, config.gate, config.seed
     storage, study_name, inner_trials = config.storage, config.study_name, config.inner_trials
+    if storage:  # an unreachable database fails here in one line, before the members are read
+        tracking.probe(storage, setting="--storage (-P storage)", what="Optuna storage")
     run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id)]
     oof = load_oof(run_ids)
     study = study_name or default_study_name(run_ids)
@@ -154,7 +157,8 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
         tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
                                           "n_dialogues": n_dialogues})
         print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
-              f"{storage or 'in-memory'}), then the gain estimate: the search rerun with {inner_trials} trials "
+              f"{tracking.redact_uri(storage) if storage else 'in-memory'}), then the gain estimate: the search rerun "
+              f"with {inner_trials} trials "
               "in each fold of repeated record-level K-fold splits")
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar stands for Optuna's line per trial
