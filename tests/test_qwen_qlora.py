@@ -410,16 +410,22 @@ class Killed(Exception):
 
 
 def _fit_killed_after(model_dir, rows, folder: Path, epoch: int, **hyper) -> list[int]:
-    """Fit with a checkpoint in ``folder``, killed once epoch ``epoch`` is reported; the saved epochs."""
+    """Fit with a checkpoint in ``folder``, killed once epoch ``epoch`` is over (reported, and saved
+    when it is saved); the saved epochs."""
     saved = []
 
-    def on_epoch(done, *_):
+    def on_save(done):
+        saved.append(done)
         if done == epoch:
+            raise Killed
+
+    def on_epoch(done, *_):
+        if done == epoch and not hyper.get("checkpoint_every", 1):
             raise Killed
 
     with pytest.raises(Killed):
         tiny_backbone(model_dir, **hyper).fit(rows, seed=0, valid=rows, on_epoch=on_epoch,
-                                              checkpoint=Checkpoint(folder, on_save=saved.append))
+                                              checkpoint=Checkpoint(folder, on_save=on_save))
     return saved
 
 
@@ -463,3 +469,61 @@ def test_a_checkpoint_of_another_fit_or_cut_short_is_refused(tiny_qwen3_dir, mak
     # checkpoint_every=0: nothing saved
     assert _fit_killed_after(tiny_qwen3_dir, rows, tmp_path / "none", 1, epochs=2, checkpoint_every=0) == []
     assert not (tmp_path / "none").exists()
+
+
+def test_train_resume_continues_a_killed_fold_from_its_fold_runs_checkpoint(tiny_qwen3_dir, tmp_path, experiment_id,
+                                                                           monkeypatch):
+    """``train -P resume=true`` on a parent whose fold 0 was killed after epoch 1 of 2: the new fold run
+    downloads the killed run's ``checkpoint/``, trains epoch 2 only and logs the OOF logits of an
+    uninterrupted fold 0 bit for bit; once the fold is complete its checkpoints are deleted."""
+    import mlflow
+
+    from psydef import tracking
+    from psydef.stages.config import PrepareConfig, TrainConfig
+    from psydef.stages.prepare import run_prepare
+    from psydef.stages.train import run_train
+    from tests.fixtures.records import official_records
+
+    data = tmp_path / "small"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps(official_records(6, 3)))
+    prepared = run_prepare(PrepareConfig(data_dir=data, seed=5, n_splits=2))
+    client = mlflow.MlflowClient()
+
+    def train_fold_0(parent: str, **settings) -> None:
+        run_train(TrainConfig(data_dir=data, seed=3, prepare_run_id=prepared.run_id, backbone="qwen3-8b-qlora",
+                              model=str(tiny_qwen3_dir), fold=0, parent_run_id=parent, **settings,
+                              hyper={"max_length": MAX_LENGTH, "epochs": 2, "learning_rate": 2e-3, "batch_size": 4,
+                                     "grad_accum": 1, "eval_batch_size": 8, "eval_every": 0}),
+                  experiment_id=experiment_id)
+
+    def fold_0(parent: str):
+        return tracking.fold_runs(parent)[0]
+
+    straight, interrupted = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    train_fold_0(straight)
+    log_checkpoint = tracking.log_checkpoint
+
+    def killed_after_logging(folder, epoch):
+        log_checkpoint(folder, epoch)
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "log_checkpoint", killed_after_logging)
+        with pytest.raises(Killed):
+            train_fold_0(interrupted)
+    killed = tracking.checkpointed_fold_run(interrupted, 0)
+    assert killed.data.tags[tracking.CHECKPOINT_EPOCH] == "1" and killed.info.status == "FAILED"
+    assert {a.path for a in client.list_artifacts(killed.info.run_id, tracking.CHECKPOINT_DIR)}
+
+    train_fold_0(interrupted, resume=True)
+    resumed = fold_0(interrupted)
+    assert resumed.data.tags[tracking.RESUMED_FROM] == killed.info.run_id
+    losses = [(m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
+    assert losses == [(m.step, m.value) for m in client.get_metric_history(fold_0(straight).info.run_id, "train_loss")]
+    assert [step for step, _ in losses] == [1, 2]  # epoch 1 copied from the killed run, epoch 2 trained
+    np.testing.assert_array_equal(tracking.load_npy(resumed.info.run_id, tracking.OOF_LOGITS),
+                                  tracking.load_npy(fold_0(straight).info.run_id, tracking.OOF_LOGITS))
+    for run_id in (killed.info.run_id, resumed.info.run_id, fold_0(straight).info.run_id):
+        assert client.list_artifacts(run_id, tracking.CHECKPOINT_DIR) == []
+        assert tracking.CHECKPOINT_EPOCH not in client.get_run(run_id).data.tags

@@ -342,14 +342,15 @@ class QwenQLoRABackbone(Backbone):
             self.epoch_stats.append(stats)
             tqdm.write(f"epoch {epoch}/{self.epochs}: {stats['padded_fraction']:.1%} of the tokens fed were padding "
                        f"({'length-grouped' if self.group_by_length else 'shuffled'} batches of {self.batch_size})")
-            if (checkpoint is not None and self.checkpoint_every > 0 and epoch < self.epochs
-                    and epoch % self.checkpoint_every == 0):
-                state.save(checkpoint.folder, self.epoch_stats)
-                checkpoint.on_save(epoch)
             if on_epoch is not None:
                 evaluate = (valid is not None and self.eval_every > 0
                             and (epoch % self.eval_every == 0 or epoch == self.epochs))
                 on_epoch(epoch, stats["loss"], self.predict_logits(valid) if evaluate else None)
+            # after on_epoch: a resumed fit's reports continue those of the epochs its checkpoint holds
+            if (checkpoint is not None and self.checkpoint_every > 0 and epoch < self.epochs
+                    and epoch % self.checkpoint_every == 0):
+                state.save(checkpoint.folder, self.epoch_stats)
+                checkpoint.on_save(epoch)
         _cast_adapter(self.net, TRAINED_ADAPTER, self.dtype)
         return self
 
