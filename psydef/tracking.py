@@ -374,9 +374,10 @@ def log_checkpoint(folder: Path, epoch: int) -> None:
     mlflow.set_tag(CHECKPOINT_EPOCH, str(epoch))
 
 
-def download_checkpoint(run, dst: Path) -> Path:
-    """Download fold run ``run``'s checkpoint into ``dst``; copy its per-epoch metrics up to the
-    checkpoint's epoch to the active run, tagged as resumed from it. Returns the checkpoint folder."""
+def continue_fold_run(run, dst: Path) -> Path:
+    """Continue killed fold run ``run`` in the active run: download its checkpoint into ``dst``, copy
+    its per-epoch metrics up to the checkpoint's epoch, tag the active run as resumed from it. Returns
+    the checkpoint folder."""
     import mlflow
 
     folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
@@ -384,7 +385,8 @@ def download_checkpoint(run, dst: Path) -> Path:
     epoch = int(run.data.tags[CHECKPOINT_EPOCH])
     mlflow_client = client()
     per_epoch = [key for key in run.data.metrics if not key.startswith("system/")]  # system metrics step by sample
-    history = [m for key in per_epoch for m in mlflow_client.get_metric_history(run.info.run_id, key) if m.step <= epoch]
+    history = [metric for key in per_epoch for metric in mlflow_client.get_metric_history(run.info.run_id, key)
+               if metric.step <= epoch]
     mlflow_client.log_batch(mlflow.active_run().info.run_id, metrics=history)
     mlflow.set_tag(RESUMED_FROM, run.info.run_id)
     return folder

@@ -12,7 +12,8 @@ from safetensors import safe_open
 
 from psydef.backbones import backbone_class, load_adapter, load_adapters
 from psydef.backbones.base import Checkpoint
-from psydef.backbones.qwen_qlora import BASE_REVISION_FILE, CHECKPOINT_META, LORA_TARGETS, QwenQLoRABackbone, folder_revision
+from psydef.backbones.qwen_qlora import (BASE_REVISION_FILE, CHECKPOINT_META, LORA_TARGETS, QwenQLoRABackbone,
+                                         folder_revision)
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.losses import class_weighted_loss
 

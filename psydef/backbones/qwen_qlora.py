@@ -73,7 +73,8 @@ def folder_revision(folder: Path) -> str:
             if size <= 2 * SAMPLE_EDGE_BYTES + SAMPLE_BLOCKS * SAMPLE_BLOCK_BYTES:
                 digest.update(handle.read())
                 continue
-            spread = [SAMPLE_EDGE_BYTES + i * (size - 2 * SAMPLE_EDGE_BYTES) // SAMPLE_BLOCKS for i in range(SAMPLE_BLOCKS)]
+            inner = size - 2 * SAMPLE_EDGE_BYTES
+            spread = [SAMPLE_EDGE_BYTES + i * inner // SAMPLE_BLOCKS for i in range(SAMPLE_BLOCKS)]
             for offset, length in [(0, SAMPLE_EDGE_BYTES), *[(o, SAMPLE_BLOCK_BYTES) for o in spread],
                                    (size - SAMPLE_EDGE_BYTES, SAMPLE_EDGE_BYTES)]:
                 handle.seek(offset)
@@ -445,8 +446,8 @@ class _TrainingState:
     """What ``fit`` needs to continue after an epoch: the trainable weights (float32), the optimizer
     and scheduler, every random generator (torch, CUDA, numpy, Python, the batch order), the epochs'
     stats, and ``identity`` (seed, base revision, digest of the training rows, every hyper-parameter
-    but ``NOT_TRAINING``), which a resumed fit must share. Each file holds the epoch it was saved at, so a folder mixing two saves
-    (a copy cut short) is refused."""
+    but ``NOT_TRAINING``), which a resumed fit must share. Each file holds the epoch it was saved at,
+    so a folder mixing two saves (a copy cut short) is refused."""
 
     def __init__(self, net, optimizer, scheduler, generator: torch.Generator, identity: dict):
         self.net, self.optimizer, self.scheduler, self.generator = net, optimizer, scheduler, generator
@@ -487,7 +488,8 @@ class _TrainingState:
         if differ:
             raise ValueError(f"{where} was saved by a fit that differs in {', '.join(differ)}: it cannot be "
                              "resumed; train the fold again without resume")
-        state = torch.load(folder / CHECKPOINT_STATE, weights_only=True)
+        # on CPU: the random states must be; the optimizer moves its state to its parameters' device
+        state = torch.load(folder / CHECKPOINT_STATE, map_location="cpu", weights_only=True)
         with safe_open(str(folder / CHECKPOINT_WEIGHTS), "pt") as weights:
             epochs = {meta["epoch"], state["epoch"], weights.metadata()["epoch"]}
             trainable = self._trainable()

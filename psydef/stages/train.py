@@ -106,7 +106,7 @@ def _fold_checkpoint(scratch: Path, resume_from) -> Checkpoint:
     if resume_from is None:
         return Checkpoint(scratch / tracking.CHECKPOINT_DIR,
                           on_save=lambda epoch: tracking.log_checkpoint(scratch / tracking.CHECKPOINT_DIR, epoch))
-    folder = tracking.download_checkpoint(resume_from, scratch)
+    folder = tracking.continue_fold_run(resume_from, scratch)
     return Checkpoint(folder, on_save=lambda epoch: tracking.log_checkpoint(folder, epoch),
                       origin=f"of fold run {resume_from.info.run_id}")
 
