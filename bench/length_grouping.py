@@ -1,7 +1,8 @@
 """Padded fraction of the QLoRA backbone's training batches: shuffled batches, psydef's former
 hand-written length grouping, and transformers' ``LengthGroupedSampler`` (what the backbone uses), on
 the real prompts (train.json plus its augmented variants, the real Qwen3 tokenizer, the backbone's
-prompt and ``max_length``), padded as the collator pads (to a multiple of 8).
+prompt and ``max_length``); the shuffled and transformers batches through the backbone's own training
+loader and collator, the former grouping padded as the collator pads (to a multiple of 8).
 
     python bench/length_grouping.py --data ../shared/data/psydefconv/train.json [--batch-sizes 2 8] [--epochs 5]
 
@@ -46,21 +47,16 @@ def handwritten_batches(lengths: np.ndarray, batch_size: int, generator: torch.G
     return batches
 
 
-def transformers_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    from transformers.trainer_pt_utils import LengthGroupedSampler
-
-    order = list(LengthGroupedSampler(batch_size, lengths=lengths.tolist(), generator=generator))
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
-def shuffled_batches(lengths: np.ndarray, batch_size: int, generator: torch.Generator) -> list[list[int]]:
-    order = torch.randperm(len(lengths), generator=generator).tolist()
-    return [order[i:i + batch_size] for i in range(0, len(order), batch_size)]
-
-
 def padded_fraction(lengths: np.ndarray, batches: list[list[int]]) -> float:
+    """Pad tokens / all tokens fed, each batch padded as the collator pads."""
     fed = sum(len(b) * math.ceil(lengths[b].max() / PAD_TO_MULTIPLE_OF) * PAD_TO_MULTIPLE_OF for b in batches)
     return 1 - lengths.sum() / fed
+
+
+def loader_padded_fraction(backbone: QwenQLoRABackbone, examples: list[dict], generator: torch.Generator) -> float:
+    """One epoch of the backbone's own training loader: pad tokens / all tokens it feeds."""
+    masks = [batch["attention_mask"] for batch in backbone._train_loader(examples, generator)]
+    return 1 - sum(int(mask.sum()) for mask in masks) / sum(mask.numel() for mask in masks)
 
 
 def main(argv=None) -> None:
@@ -74,13 +70,20 @@ def main(argv=None) -> None:
     rows = pd.concat([table, augment_minority(table)], ignore_index=True)
     backbone = QwenQLoRABackbone()
     backbone._load_tokenizer(tokenizer_dir())
-    lengths = np.array([len(e["input_ids"]) for e in backbone._encode(rows)])
+    examples = [dict(features, labels=0) for features in backbone._encode(rows)]
+    lengths = np.array([len(e["input_ids"]) for e in examples])
     print(f"{len(lengths)} prompts of {lengths.min()}..{lengths.max()} tokens (max_length {backbone.max_length})")
     for batch_size in args.batch_sizes:
-        for name, batching in [("shuffled", shuffled_batches), ("hand-written grouping", handwritten_batches),
-                               ("transformers LengthGroupedSampler", transformers_batches)]:
-            generator = torch.Generator().manual_seed(0)
-            fractions = [padded_fraction(lengths, batching(lengths, batch_size, generator)) for _ in range(args.epochs)]
+        generator = torch.Generator().manual_seed(0)
+        batchings = {"hand-written grouping (former)": lambda: padded_fraction(
+            lengths, handwritten_batches(lengths, batch_size, generator))}
+        for grouped, name in [(False, "shuffled"), (True, "transformers LengthGroupedSampler")]:
+            loader_backbone = QwenQLoRABackbone(batch_size=batch_size, group_by_length=grouped)
+            loader_backbone.tokenizer = backbone.tokenizer
+            batchings[f"{name} (the backbone's loader)"] = (
+                lambda b=loader_backbone: loader_padded_fraction(b, examples, generator))
+        for name, epoch in batchings.items():
+            fractions = [epoch() for _ in range(args.epochs)]
             print(f"batch {batch_size}, {name}: {np.mean(fractions):.2%} of the tokens fed are padding "
                   f"({min(fractions):.2%}..{max(fractions):.2%} over {args.epochs} epochs)")
 
