@@ -92,7 +92,8 @@ class TorchHeadBackbone(Backbone):
 
     # ------------------------------------------------------------------------------ training
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
-            on_epoch: EpochCallback | None = None) -> "TorchHeadBackbone":
+            on_epoch: EpochCallback | None = None, checkpoint=None) -> "TorchHeadBackbone":
+        """``checkpoint`` is unused: a bench reference, never trained by the train stage."""
         torch.manual_seed(seed)
         texts = list(train["current_text"])
         self.word = TfidfVectorizer(ngram_range=(1, 2), min_df=2, sublinear_tf=True).fit(texts)

@@ -31,6 +31,8 @@ PREPARE_RUN_ID = "psydef.prepare_run_id"
 FOLD = "psydef.fold"
 FOLD_STATUS = "psydef.fold_status"  # FOLD_FINISHED only once every fold artifact is logged
 FOLD_FINISHED = "finished"
+CHECKPOINT_EPOCH = "psydef.checkpoint_epoch"  # a fold run's epoch whose checkpoint/ is fully logged
+RESUMED_FROM = "psydef.resumed_from"  # a fold run that continued the checkpoint of this killed fold run
 MEMBER_RUN_IDS = "psydef.member_run_ids"  # a tune run's train runs, comma-separated, in ensemble order
 STUDY_NAME = "psydef.study_name"  # a tune run's Optuna study (in its storage param)
 PIPELINE_TUNE_RUN_ID, PIPELINE_MODEL_VERSION = "psydef.tune_run_id", "psydef.model_version"  # on a pipeline run
@@ -57,6 +59,7 @@ CLASS_PLOT = "plots/class_distribution.png"
 OOF_IDS, OOF_LOGITS = "oof/ids.json", "oof/logits.npy"
 TEST_IDS, TEST_LOGITS, TEST_PROBS = "test/ids.json", "test/logits.npy", "test/probs.npy"
 ADAPTER_DIR = "adapter"
+CHECKPOINT_DIR = "checkpoint"  # a fold run's training state while it trains (deleted once the fold completes)
 ENSEMBLE_JSON = "ensemble.json"
 TRIALS_CSV = "trials.csv"
 HISTORY_PLOT, IMPORTANCE_PLOT = "plots/optimization_history.png", "plots/param_importances.png"
@@ -494,6 +497,68 @@ def mark_stale_folds_failed(parent_run_id: str, fold: int | None = None) -> None
                                   filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' "
                                                 "and attributes.status = 'RUNNING'" + only_fold):
         mlflow_client.set_terminated(run.info.run_id, "FAILED")
+
+
+def _fold_attempts(parent_run_id: str, fold: int) -> list:
+    """Every fold run of fold ``fold`` under a parent, newest first."""
+    mlflow_client = client()
+    return mlflow_client.search_runs(
+        [mlflow_client.get_run(parent_run_id).info.experiment_id],
+        filter_string=f"tags.`{PARENT_RUN_ID}` = '{parent_run_id}' and tags.`{STAGE}` = '{FOLD_RUN}' "
+                      f"and tags.`{FOLD}` = '{fold}'",
+        order_by=["attributes.start_time DESC"])
+
+
+def checkpointed_fold_run(parent_run_id: str, fold: int):
+    """The newest fold run of fold ``fold`` under a parent that did not finish and logged a
+    checkpoint (what a resume continues), or None."""
+    return next((run for run in _fold_attempts(parent_run_id, fold)
+                 if CHECKPOINT_EPOCH in run.data.tags and run.info.status != "FINISHED"), None)
+
+
+def log_checkpoint(folder: Path, epoch: int) -> None:
+    """Log a fold's training state to the active fold run (``checkpoint/``, replacing the previous
+    epoch's), then tag the epoch: the tag says a checkpoint was fully logged."""
+    import mlflow
+
+    mlflow.log_artifacts(str(folder), CHECKPOINT_DIR)
+    mlflow.set_tag(CHECKPOINT_EPOCH, str(epoch))
+
+
+def continue_fold_run(run, dst: Path) -> Path:
+    """Continue killed fold run ``run`` in the active run: download its checkpoint into ``dst``, copy
+    its per-epoch metrics up to the checkpoint's epoch, tag the active run as resumed from it. Returns
+    the checkpoint folder."""
+    import mlflow
+
+    folder = Path(mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path=CHECKPOINT_DIR,
+                                                      dst_path=str(dst)))
+    epoch = int(run.data.tags[CHECKPOINT_EPOCH])
+    mlflow_client = client()
+    per_epoch = [key for key in run.data.metrics if not key.startswith("system/")]  # system metrics step by sample
+    history = [metric for key in per_epoch for metric in mlflow_client.get_metric_history(run.info.run_id, key)
+               if metric.step <= epoch]
+    mlflow_client.log_batch(mlflow.active_run().info.run_id, metrics=history)
+    mlflow.set_tag(RESUMED_FROM, run.info.run_id)
+    return folder
+
+
+def delete_checkpoints(parent_run_id: str, fold: int) -> None:
+    """Delete the ``checkpoint/`` of every run of fold ``fold`` under a parent (once the fold is
+    complete: a checkpoint of an 8B fold is gigabytes). An artifact store that cannot delete keeps them,
+    with a warning."""
+    from mlflow.exceptions import MlflowException
+    from mlflow.store.artifact.artifact_repository_registry import get_artifact_repository
+
+    for run in _fold_attempts(parent_run_id, fold):
+        if CHECKPOINT_EPOCH not in run.data.tags:
+            continue
+        try:
+            get_artifact_repository(run.info.artifact_uri).delete_artifacts(CHECKPOINT_DIR)
+        except (MlflowException, OSError, NotImplementedError) as err:
+            warnings.warn(f"fold run {run.info.run_id}: its {CHECKPOINT_DIR}/ artifacts stay ({err})")
+            continue
+        client().delete_tag(run.info.run_id, CHECKPOINT_EPOCH)
 
 
 def find_parent(seed: int, backbone: str, prepare_run_id: str) -> str | None:

@@ -179,6 +179,7 @@ BAD_HYPER = {
         ("attn_implementation=flash", r"--hyper attn_implementation: must be one of auto, sdpa, flash_attention_2, "
                                       r"eager; got 'flash'"),
         ("eval_every=-1", r"--hyper eval_every: must be >= 0"),
+        ("checkpoint_every=-1", r"--hyper checkpoint_every: must be >= 0"),
     ],
 }
 BOUND_KEYS = ("ge", "gt", "le", "lt", "choices")

@@ -11,7 +11,9 @@ import torch
 from safetensors import safe_open
 
 from psydef.backbones import backbone_class, load_adapter, load_adapters
-from psydef.backbones.qwen_qlora import LORA_TARGETS, LengthGroupedBatches, QwenQLoRABackbone
+from psydef.backbones.base import Checkpoint
+from psydef.backbones.qwen_qlora import (BASE_REVISION_FILE, CHECKPOINT_META, LORA_TARGETS, QwenQLoRABackbone,
+                                         folder_revision)
 from psydef.calibration.rule import EnsembleSpec, fold_mean_probs
 from psydef.core.losses import class_weighted_loss
 
@@ -47,7 +49,8 @@ def test_registered_with_the_paper_defaults():
                           lora_dropout=0.1, learning_rate=1.2e-4, epochs=10, batch_size=2, grad_accum=8,
                           warmup_ratio=0.08, max_grad_norm=0.3, label_smoothing=0.05, load_in_4bit=True,
                           gradient_checkpointing=True, eval_batch_size=8, compute_dtype="auto",
-                          attn_implementation="auto", group_by_length=True, eval_every=1)
+                          attn_implementation="auto", group_by_length=True, eval_every=1, revision=None,
+                          checkpoint_every=1)
 
 
 def test_predict_before_fit_fails(make_dialogue_rows):
@@ -251,22 +254,30 @@ def test_adapters_that_differ_in_their_base_get_one_base_each(tiny_qwen3_dir, tm
     assert type(second.net.base_model.model.model.layers[0].mlp.up_proj.base_layer) is torch.nn.Linear
 
 
-def test_length_grouped_batches_cover_every_row_once_and_pad_less():
+def test_length_grouped_batches_cover_every_row_once_and_pad_less(qwen_tokenizer):
+    """transformers' LengthGroupedSampler through the backbone's training loader: every row once per
+    epoch, the longest batch first, a new order each epoch, and far less padding than shuffled batches."""
     rng = np.random.default_rng(0)
     lengths = rng.integers(100, 1000, size=500)
-    batches = LengthGroupedBatches(lengths, 4, torch.Generator().manual_seed(0))
-    epochs = [list(batches), list(batches)]
-    for epoch in epochs:
-        assert len(epoch) == len(batches) == 125
-        assert sorted(i for batch in epoch for i in batch) == list(range(500))
-        assert int(np.argmax(lengths)) in epoch[0]
-    assert epochs[0] != epochs[1]
+    # the label carries the row index through the collator
+    examples = [{"input_ids": [1] * n, "attention_mask": [1] * n, "labels": i} for i, n in enumerate(lengths)]
+
+    def epochs(group_by_length: bool) -> list[list[dict]]:
+        backbone = QwenQLoRABackbone(batch_size=4, group_by_length=group_by_length)
+        backbone.tokenizer = qwen_tokenizer
+        loader = backbone._train_loader(examples, torch.Generator().manual_seed(0))
+        return [list(loader) for _ in range(2)]
 
     def padded_fraction(epoch):
-        return 1 - lengths.sum() / sum(len(b) * lengths[b].max() for b in epoch)
+        return 1 - sum(int(b["attention_mask"].sum()) for b in epoch) / sum(b["attention_mask"].numel() for b in epoch)
 
-    shuffled = np.array_split(rng.permutation(500), 125)
-    assert padded_fraction(epochs[0]) < padded_fraction(shuffled) / 5
+    grouped, shuffled = epochs(True), epochs(False)
+    for epoch in grouped:
+        assert len(epoch) == 125
+        assert sorted(i for batch in epoch for i in batch["labels"].tolist()) == list(range(500))
+        assert int(np.argmax(lengths)) in epoch[0]["labels"].tolist()
+    assert [b["labels"].tolist() for b in grouped[0]] != [b["labels"].tolist() for b in grouped[1]]
+    assert padded_fraction(grouped[0]) < padded_fraction(shuffled[0]) / 5
 
 
 def test_eval_every_and_the_padded_fraction(tiny_qwen3_dir, make_dialogue_rows, capsys):
@@ -310,3 +321,210 @@ def test_the_gpu_profile_runs_on_a_tiny_config(data_dir, tmp_path, capsys):
     assert float(values["ensemble decode: utterances/s"]) > 0
     assert values["adapter size on disk"].endswith("MiB") and values["training: peak GPU memory"] == "n/a (CPU)"
     assert out.read_text().count("\n| ") == len(rows) + 1 and "ensemble decode" in capsys.readouterr().out
+
+
+# ------------------------------------------------------------------------- base model revision
+def _copy_model(model_dir: Path, dst: Path, *, reseed: int | None = None) -> Path:
+    """A copy of the tiny Qwen3 folder; ``reseed``: the same architecture with other random weights."""
+    import shutil
+
+    from transformers import Qwen3ForCausalLM
+
+    shutil.copytree(model_dir, dst)
+    if reseed is not None:
+        torch.manual_seed(reseed)
+        Qwen3ForCausalLM(Qwen3ForCausalLM.config_class.from_pretrained(model_dir)).save_pretrained(dst)
+    return dst
+
+
+def test_a_local_base_changed_under_its_adapter_is_refused(tiny_qwen3_dir, make_dialogue_rows, tmp_path):
+    rows = make_dialogue_rows(4)
+    base = _copy_model(tiny_qwen3_dir, tmp_path / "base")
+    assert folder_revision(base) == folder_revision(tiny_qwen3_dir)
+    backbone = tiny_backbone(base, epochs=1).fit(rows, seed=0)
+    adapter = backbone.save(tmp_path / "adapter")
+    trained_on = json.loads((adapter / BASE_REVISION_FILE).read_text())
+    assert trained_on == {"model": str(base), "revision": folder_revision(base)}
+    assert trained_on["revision"].startswith("sha256:")
+    assert load_adapter(adapter).base_revision == trained_on["revision"]
+
+    other = _copy_model(tiny_qwen3_dir, tmp_path / "other", reseed=1)
+    now = folder_revision(other)
+    assert now != trained_on["revision"]
+    (base / "model.safetensors").write_bytes((other / "model.safetensors").read_bytes())
+    with pytest.raises(ValueError) as refused:
+        load_adapter(adapter)
+    message = str(refused.value)
+    assert "\n" not in message and str(base) in message and now in message and trained_on["revision"] in message
+    # a pin that the folder does not match is refused before training
+    with pytest.raises(ValueError, match=f"revision {now}.*revision= pins revision sha256:0"):
+        tiny_backbone(base, epochs=1, revision="sha256:0").fit(rows, seed=0)
+
+
+@pytest.fixture
+def hub_cache(tiny_qwen3_dir, tmp_path, monkeypatch):
+    """An offline Hugging Face Hub cache holding ``psydef-test/tiny-qwen3`` at two commits (other
+    random weights), ``main`` at the first; returns (repo id, commits, repo folder)."""
+    import huggingface_hub.constants
+
+    root = tmp_path / "hub"
+    repo = root / "models--psydef-test--tiny-qwen3"
+    commits = ["a" * 40, "b" * 40]
+    _copy_model(tiny_qwen3_dir, repo / "snapshots" / commits[0])
+    _copy_model(tiny_qwen3_dir, repo / "snapshots" / commits[1], reseed=1)
+    (repo / "refs").mkdir()
+    (repo / "refs" / "main").write_text(commits[0])
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(root))
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    return "psydef-test/tiny-qwen3", commits, repo
+
+
+def test_a_hub_adapter_loads_the_commit_it_was_trained_on(hub_cache, make_dialogue_rows, tmp_path, count_base_loads):
+    import shutil
+
+    model, commits, repo = hub_cache
+    rows = make_dialogue_rows(4)
+    backbone = tiny_backbone(model, epochs=1).fit(rows, seed=0)
+    assert backbone.base_revision == commits[0]
+    adapter = backbone.save(tmp_path / "adapter")
+    assert json.loads((adapter / BASE_REVISION_FILE).read_text()) == {"model": model, "revision": commits[0]}
+    logits = backbone.predict_logits(rows)
+
+    (repo / "refs" / "main").write_text(commits[1])  # the Hub's main moved
+    loaded = load_adapter(adapter)
+    assert loaded.base_revision == commits[0]
+    np.testing.assert_allclose(loaded.predict_logits(rows), logits, atol=1e-5)
+    # a pin trains on exactly that commit; main now trains on the other
+    assert tiny_backbone(model, epochs=1, revision=commits[0]).fit(rows, seed=0).base_revision == commits[0]
+    assert tiny_backbone(model, epochs=1).fit(rows, seed=0).base_revision == commits[1]
+    assert count_base_loads == [model] * 4
+
+    shutil.rmtree(repo / "snapshots" / commits[0])  # the trained-on commit is gone (and the Hub offline)
+    with pytest.raises(ValueError, match=f"adapter {adapter}: its base model {model} at revision {commits[0]} "
+                                         "cannot be loaded"):
+        load_adapter(adapter)
+
+
+# ------------------------------------------------------------------------ checkpoint and resume
+class Killed(Exception):
+    """Stands for the process being killed after an epoch."""
+
+
+def _fit_killed_after(model_dir, rows, folder: Path, epoch: int, **hyper) -> list[int]:
+    """Fit with a checkpoint in ``folder``, killed once epoch ``epoch`` is over (reported, and saved
+    when it is saved); the saved epochs."""
+    saved = []
+
+    def on_save(done):
+        saved.append(done)
+        if done == epoch:
+            raise Killed
+
+    def on_epoch(done, *_):
+        if done == epoch and not hyper.get("checkpoint_every", 1):
+            raise Killed
+
+    with pytest.raises(Killed):
+        tiny_backbone(model_dir, **hyper).fit(rows, seed=0, valid=rows, on_epoch=on_epoch,
+                                              checkpoint=Checkpoint(folder, on_save=on_save))
+    return saved
+
+
+def test_a_killed_fit_resumes_from_its_checkpoint_to_the_uninterrupted_result(tiny_qwen3_dir, make_dialogue_rows,
+                                                                             tmp_path):
+    """Killed after epoch 2 of 3 (mid-schedule, with LoRA dropout), a new fit from the checkpoint
+    trains epoch 3 only and ends with the uninterrupted fit's weights, bit for bit."""
+    rows = make_dialogue_rows(6)
+    hyper = dict(epochs=3, grad_accum=2)
+    reports = []
+    straight = tiny_backbone(tiny_qwen3_dir, **hyper).fit(rows, seed=0, valid=rows,
+                                                          on_epoch=lambda *report: reports.append(report))
+    assert straight.lora_dropout > 0
+
+    folder = tmp_path / "checkpoint"
+    assert _fit_killed_after(tiny_qwen3_dir, rows, folder, 2, **hyper) == [1, 2]
+    resumed_reports, saved = [], []
+    resumed = tiny_backbone(tiny_qwen3_dir, **hyper).fit(
+        rows, seed=0, valid=rows, on_epoch=lambda *report: resumed_reports.append(report),
+        checkpoint=Checkpoint(folder, on_save=saved.append))
+    assert [epoch for epoch, *_ in resumed_reports] == [3] and saved == []  # none after the last epoch
+    assert resumed_reports[0][1] == reports[2][1]
+    np.testing.assert_array_equal(resumed_reports[0][2], reports[2][2])
+    np.testing.assert_array_equal(resumed.predict_logits(rows), straight.predict_logits(rows))
+    assert [s["loss"] for s in resumed.epoch_stats] == [s["loss"] for s in straight.epoch_stats]
+    assert [s["epoch"] for s in resumed.epoch_stats] == [1, 2, 3]
+
+
+def test_a_checkpoint_of_another_fit_or_cut_short_is_refused(tiny_qwen3_dir, make_dialogue_rows, tmp_path):
+    rows = make_dialogue_rows(4)
+    folder = tmp_path / "checkpoint"
+    assert _fit_killed_after(tiny_qwen3_dir, rows, folder, 1, epochs=2, checkpoint_every=1) == [1]
+    with pytest.raises(ValueError, match=r"checkpoint .* differs in learning_rate: it cannot be resumed"):
+        tiny_backbone(tiny_qwen3_dir, epochs=2, learning_rate=1e-3).fit(rows, seed=0, checkpoint=Checkpoint(folder))
+    with pytest.raises(ValueError, match="differs in seed, training rows"):
+        tiny_backbone(tiny_qwen3_dir, epochs=2).fit(make_dialogue_rows(5), seed=1, checkpoint=Checkpoint(folder))
+    meta = json.loads((folder / CHECKPOINT_META).read_text())
+    (folder / CHECKPOINT_META).write_text(json.dumps({**meta, "epoch": "2"}))  # a copy that mixes two epochs
+    with pytest.raises(ValueError, match="incomplete .*epochs 1, 2"):
+        tiny_backbone(tiny_qwen3_dir, epochs=2).fit(rows, seed=0, checkpoint=Checkpoint(folder, origin="of run x"))
+    # checkpoint_every=0: nothing saved
+    assert _fit_killed_after(tiny_qwen3_dir, rows, tmp_path / "none", 1, epochs=2, checkpoint_every=0) == []
+    assert not (tmp_path / "none").exists()
+
+
+def test_train_resume_continues_a_killed_fold_from_its_fold_runs_checkpoint(tiny_qwen3_dir, tmp_path, experiment_id,
+                                                                           monkeypatch):
+    """``train -P resume=true`` on a parent whose fold 0 was killed after epoch 1 of 2: the new fold run
+    downloads the killed run's ``checkpoint/``, trains epoch 2 only and logs the OOF logits of an
+    uninterrupted fold 0 bit for bit; once the fold is complete its checkpoints are deleted."""
+    import mlflow
+
+    from psydef import tracking
+    from psydef.stages.config import PrepareConfig, TrainConfig
+    from psydef.stages.prepare import run_prepare
+    from psydef.stages.train import run_train
+    from tests.fixtures.records import official_records
+
+    data = tmp_path / "small"
+    data.mkdir()
+    (data / "train.json").write_text(json.dumps(official_records(6, 3)))
+    prepared = run_prepare(PrepareConfig(data_dir=data, seed=5, n_splits=2))
+    client = mlflow.MlflowClient()
+
+    def train_fold_0(parent: str, **settings) -> None:
+        run_train(TrainConfig(data_dir=data, seed=3, prepare_run_id=prepared.run_id, backbone="qwen3-8b-qlora",
+                              model=str(tiny_qwen3_dir), fold=0, parent_run_id=parent, **settings,
+                              hyper={"max_length": MAX_LENGTH, "epochs": 2, "learning_rate": 2e-3, "batch_size": 4,
+                                     "grad_accum": 1, "eval_batch_size": 8, "eval_every": 0}),
+                  experiment_id=experiment_id)
+
+    def fold_0(parent: str):
+        return tracking.fold_runs(parent)[0]
+
+    straight, interrupted = (client.create_run(experiment_id).info.run_id for _ in range(2))
+    train_fold_0(straight)
+    log_checkpoint = tracking.log_checkpoint
+
+    def killed_after_logging(folder, epoch):
+        log_checkpoint(folder, epoch)
+        raise Killed
+
+    with monkeypatch.context() as patch:
+        patch.setattr(tracking, "log_checkpoint", killed_after_logging)
+        with pytest.raises(Killed):
+            train_fold_0(interrupted)
+    killed = tracking.checkpointed_fold_run(interrupted, 0)
+    assert killed.data.tags[tracking.CHECKPOINT_EPOCH] == "1" and killed.info.status == "FAILED"
+    assert {a.path for a in client.list_artifacts(killed.info.run_id, tracking.CHECKPOINT_DIR)}
+
+    train_fold_0(interrupted, resume=True)
+    resumed = fold_0(interrupted)
+    assert resumed.data.tags[tracking.RESUMED_FROM] == killed.info.run_id
+    losses = [(m.step, m.value) for m in client.get_metric_history(resumed.info.run_id, "train_loss")]
+    assert losses == [(m.step, m.value) for m in client.get_metric_history(fold_0(straight).info.run_id, "train_loss")]
+    assert [step for step, _ in losses] == [1, 2]  # epoch 1 copied from the killed run, epoch 2 trained
+    np.testing.assert_array_equal(tracking.load_npy(resumed.info.run_id, tracking.OOF_LOGITS),
+                                  tracking.load_npy(fold_0(straight).info.run_id, tracking.OOF_LOGITS))
+    for run_id in (killed.info.run_id, resumed.info.run_id, fold_0(straight).info.run_id):
+        assert client.list_artifacts(run_id, tracking.CHECKPOINT_DIR) == []
+        assert tracking.CHECKPOINT_EPOCH not in client.get_run(run_id).data.tags

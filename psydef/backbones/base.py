@@ -7,6 +7,7 @@ from __future__ import annotations
 import hashlib
 import json
 from abc import ABC, abstractmethod
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -20,6 +21,16 @@ EpochCallback = Callable[[int, float, "np.ndarray | None"], None]
 CONFIG_FILE = "backbone.json"
 
 
+@dataclass(frozen=True)
+class Checkpoint:
+    """Where ``fit`` keeps its training state between epochs: a fit given one whose ``folder`` holds
+    a saved state continues from it; after each save ``on_save(epoch)`` is called (the train stage
+    logs the folder to the fold run). ``origin`` names where the saved state came from, for messages."""
+    folder: Path
+    on_save: Callable[[int], None] = lambda epoch: None
+    origin: str = ""
+
+
 class Backbone(ABC):
     """A trainable classifier over rows of the data table (columns ``id``, ``dialogue``,
     ``current_text`` and, for training, ``label``) with 9 output logits."""
@@ -28,8 +39,9 @@ class Backbone(ABC):
 
     @abstractmethod
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
-            on_epoch: EpochCallback | None = None) -> "Backbone":
-        """Train on ``train`` (real and augmented rows). ``valid`` is only scored for reporting."""
+            on_epoch: EpochCallback | None = None, checkpoint: Checkpoint | None = None) -> "Backbone":
+        """Train on ``train`` (real and augmented rows). ``valid`` is only scored for reporting. A
+        backbone that trains for several epochs saves its state in ``checkpoint`` and resumes from it."""
 
     @abstractmethod
     def predict_logits(self, rows: pd.DataFrame) -> np.ndarray:

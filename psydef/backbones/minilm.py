@@ -35,7 +35,7 @@ import scipy.sparse as sp
 from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
-from psydef.backbones.base import Backbone, EpochCallback
+from psydef.backbones.base import Backbone, Checkpoint, EpochCallback
 from psydef.backbones.encoder import DIM, FrozenEncoder
 from psydef.core.labels import N_LEVELS
 from psydef.settings import check_fields, setting
@@ -189,8 +189,9 @@ class MiniLMBackbone(Backbone):
 
     # ------------------------------------------------------------------------------ training
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
-            on_epoch: EpochCallback | None = None) -> "MiniLMBackbone":
-        """One fit (lbfgs is deterministic: ``seed`` changes nothing); ``on_epoch`` is called once."""
+            on_epoch: EpochCallback | None = None, checkpoint: Checkpoint | None = None) -> "MiniLMBackbone":
+        """One fit (lbfgs is deterministic: ``seed`` changes nothing); ``on_epoch`` is called once.
+        ``checkpoint`` is unused: one solve leaves nothing to resume."""
         if not self.use_augmented and "is_augmented" in train:
             train = train[~train["is_augmented"].astype(bool)]
         key = hashlib.sha256(json.dumps([self.config(), list(train["id"]), train["label"].astype(int).tolist(),

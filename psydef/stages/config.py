@@ -47,7 +47,8 @@ class TrainConfig(Settings):
     fold: int | None = setting(None, "'all', or one fold index (trains under a parent).", ge=0, none="all")
     parent_run_id: str | None = setting(None, "With --fold k: the parent run to train under (default: the latest "
                                               "matching one, else a new one).")
-    resume: bool = setting(False, "true: reopen the latest matching parent and train only its unfinished folds.")
+    resume: bool = setting(False, "true: reopen the latest matching parent and train only its unfinished folds; "
+                                  "a fold killed mid-way continues from its last checkpoint (the LLM backbone's).")
     epochs: int | None = setting(None, "Training epochs (default: the backbone's).", ge=1)
     learning_rate: float | None = setting(None, "Learning rate (default: the backbone's).", gt=0)
     hyper: dict = setting({}, "More backbone hyper-parameters as key=value,key=value.", parse=parse_hyper,

@@ -22,6 +22,7 @@ import pandas as pd
 
 from psydef import progress, tracking
 from psydef.backbones import backbone_class
+from psydef.backbones.base import Checkpoint
 from psydef.calibration.rule import fold_mean_probs
 from psydef.core.augment import with_provenance
 from psydef.core.folds import split_fold
@@ -54,15 +55,18 @@ def _rows(prepared: Prepared) -> pd.DataFrame:
     return pd.concat([with_provenance(prepared.train), prepared.augmented], ignore_index=True).set_index("id", drop=False)
 
 
-def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str) -> FoldResult:
-    """Train fold ``k`` in its own run nested under the parent; returns what it logged."""
+def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: dict, parent_run_id: str,
+               resume_from=None) -> FoldResult:
+    """Train fold ``k`` in its own run nested under the parent, continuing the checkpoint of fold run
+    ``resume_from`` when given; returns what it logged."""
     progress.fold_banner(seed, k, prepared.n_splits)
     train_ids, valid_ids = split_fold(prepared.folds, k)
     rows = _rows(prepared)
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
     model = backbone_class(backbone)(**hyper)
     model.warm_up(pd.concat([rows, prepared.test]) if prepared.test is not None else rows)
-    with mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run:
+    with (mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run,
+          tempfile.TemporaryDirectory() as scratch):
         mlflow.set_tags(tracking.fold_tags(parent_run_id, k, seed=seed, backbone=backbone,
                                            data_digest=prepared.digest, prepare_run_id=prepared.run_id))
         tracking.log_new_params({**model.config(), "fold": k, "seed": seed, "n_train_rows": len(train_rows),
@@ -78,7 +82,8 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
             mlflow.log_metrics(metrics, step=epoch)
             last.update(metrics, epoch=epoch)
 
-        model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch)
+        model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch,
+                  checkpoint=_fold_checkpoint(Path(scratch), resume_from))
         print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
         oof_ids, oof_logits = list(valid_rows["id"]), model.predict_logits(valid_rows)
         mlflow.log_dict(oof_ids, tracking.OOF_IDS)
@@ -88,10 +93,22 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
             test_ids, test_logits = list(prepared.test["id"]), model.predict_logits(prepared.test)
             mlflow.log_dict(test_ids, tracking.TEST_IDS)
             tracking.log_npy(test_logits, tracking.TEST_LOGITS)
-        with tempfile.TemporaryDirectory() as tmp:
-            mlflow.log_artifacts(str(model.save(Path(tmp) / "adapter")), tracking.ADAPTER_DIR)
+        mlflow.log_artifacts(str(model.save(Path(scratch) / "adapter")), tracking.ADAPTER_DIR)
         tracking.complete_fold()
+        tracking.delete_checkpoints(parent_run_id, k)
     return FoldResult(run.info.run_id, oof_ids, oof_logits, test_ids, test_logits)
+
+
+def _fold_checkpoint(scratch: Path, resume_from) -> Checkpoint:
+    """The active fold run's checkpoint: the backbone saves its training state in a local folder,
+    which is logged to the fold run (``checkpoint/``) after each save, so a resumed job on any machine
+    continues from it; with ``resume_from`` (a killed fold run) the folder starts as its checkpoint."""
+    if resume_from is None:
+        return Checkpoint(scratch / tracking.CHECKPOINT_DIR,
+                          on_save=lambda epoch: tracking.log_checkpoint(scratch / tracking.CHECKPOINT_DIR, epoch))
+    folder = tracking.continue_fold_run(resume_from, scratch)
+    return Checkpoint(folder, on_save=lambda epoch: tracking.log_checkpoint(folder, epoch),
+                      origin=f"of fold run {resume_from.info.run_id}")
 
 
 def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldResult] | None = None) -> dict[str, float]:
@@ -180,7 +197,9 @@ def _train_missing_folds(parent_id: str, config: TrainConfig, prepared: Prepared
     tracking.mark_stale_folds_failed(parent_id, config.fold)
     done = tracking.fold_runs(parent_id)
     todo = [config.fold] if config.fold is not None else [k for k in range(prepared.n_splits) if k not in done]
-    trained = {k: train_fold(prepared, k, backbone=backbone, seed=config.seed, hyper=hyper, parent_run_id=parent_id)
+    # resume: a fold killed mid-way continues from the checkpoint of its last run
+    trained = {k: train_fold(prepared, k, backbone=backbone, seed=config.seed, hyper=hyper, parent_run_id=parent_id,
+                             resume_from=tracking.checkpointed_fold_run(parent_id, k) if config.resume else None)
                for k in todo}
     if len(tracking.fold_runs(parent_id)) < prepared.n_splits:
         return False
