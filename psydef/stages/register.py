@@ -2,7 +2,7 @@
 
 The ensemble (a pyfunc logged by a ``register`` run, see :mod:`psydef.ensemble`) carries every member's
 fold adapters and the calibration, and the tune metrics (``tracking.MODEL_METRICS``: the experiment's Models
-tab compares logged models by them, ``promote`` gates on them); the version's tags carry its lineage. The
+tab filters logged models by them, ``promote`` gates on them); the version's tags carry its lineage. The
 logged model must load and predict (the smoke test ``promote`` runs too) before a version is created:
 a version that cannot serve is never registered."""
 from __future__ import annotations
