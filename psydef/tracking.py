@@ -2,6 +2,7 @@
 helpers that read and write them. Tracking code never does math."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import signal
@@ -11,11 +12,12 @@ import threading
 import time
 import uuid
 import warnings
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from pathlib import Path
 
 import numpy as np
 
+from psydef.core.labels import ALL_LABELS
 from psydef.core.secrets import redact_uri  # noqa: F401 (also tracking.redact_uri for callers)
 
 DEFAULT_EXPERIMENT = "psydef"
@@ -63,10 +65,14 @@ CHECKPOINT_DIR = "checkpoint"  # a fold run's training state while it trains (de
 ENSEMBLE_JSON = "ensemble.json"
 TRIALS_CSV = "trials.csv"
 HISTORY_PLOT, IMPORTANCE_PLOT = "plots/optimization_history.png", "plots/param_importances.png"
+HISTORY_HTML, IMPORTANCE_HTML = "plots/optimization_history.html", "plots/param_importances.html"  # with plotly
 MODEL_ARTIFACT = "model"  # the pyfunc logged by a register run
 PREDICTION_JSON, PREDICTION_ZIP = "prediction.json", "prediction.zip"  # CodaBench submission
 PREDICT_IDS, PREDICT_PROBS = "ids.json", "probs.npy"
 CONFUSION_PLOT = "plots/confusion_matrix.png"
+PER_CLASS_F1_PLOT = "plots/per_class_f1.png"
+# MLflow's system metrics (SystemMetricsMonitor's names; GPUs add system/gpu_<i>_...), on fold and pipeline runs
+SYSTEM_CPU, SYSTEM_MEMORY = "system/cpu_utilization_percentage", "system/system_memory_usage_megabytes"
 
 # Model registry: the ensemble's name, its aliases, the deprecated stage set on request
 MODEL_NAME = "psydef-ensemble"
@@ -84,8 +90,8 @@ LEGACY_STAGE = "Production"
 # Tune metrics. RAW_F1: the plain blend (equal weights, delta 0, no gate) on the OOF rows; CALIBRATED_F1: the
 # searched rule on the rows it was searched on (optimistic); CALIBRATED_ESTIMATED_F1 and ESTIMATED_GAIN (with the
 # spread of its folds): the searched rule's macro-F1 and gain over the plain blend on rows its search never saw
-# (psydef.calibration.estimate); ESTIMATED_F1: that estimate for the rule tune chose. Register copies
-# ESTIMATED_F1 and CALIBRATED_F1 to the version's tags; the promote gate compares GATE_METRIC.
+# (psydef.calibration.estimate); ESTIMATED_F1: that estimate for the rule tune chose. Register logs MODEL_METRICS
+# on the logged model it registers; the promote gate compares GATE_METRIC (the version tag of older versions).
 RAW_F1, CALIBRATED_F1 = "oof_macro_f1_raw", "oof_macro_f1_calibrated"
 CALIBRATED_ESTIMATED_F1 = "oof_macro_f1_calibrated_estimated"
 ESTIMATED_GAIN, ESTIMATED_GAIN_STD = "calibration_gain_estimated", "calibration_gain_estimated_fold_std"
@@ -94,6 +100,8 @@ OOF_LEVEL_F1 = "oof_f1_level_{}"  # per level, of the chosen rule on the OOF row
 # Tag of a tune run: which rule it chose (the calibrated one only when ESTIMATED_GAIN > 0)
 CALIBRATION, CALIBRATED, PLAIN = "psydef.calibration", "calibrated", "plain"
 GATE_METRIC = ESTIMATED_F1  # what the promote gate compares: rename in one line
+MODEL_METRICS = (RAW_F1, CALIBRATED_F1, CALIBRATED_ESTIMATED_F1, ESTIMATED_GAIN, ESTIMATED_GAIN_STD, ESTIMATED_F1,
+                 *(OOF_LEVEL_F1.format(level) for level in ALL_LABELS))
 # Model version tags (lineage)
 V_TUNE_RUN_ID, V_TRAIN_RUN_IDS, V_DATA_DIGEST, V_BACKBONE = "tune_run_id", "train_run_ids", "data_digest", "backbone"
 
@@ -356,19 +364,22 @@ def complete_fold() -> None:
 
 
 @contextmanager
-def stage_run(stage: str, run_name: str, tags: dict | None = None):
+def stage_run(stage: str, run_name: str, tags: dict | None = None, *, log_system_metrics: bool = False):
     """Open the run of one stage: nested under the active run (the pipeline's) when there is one;
-    under ``mlflow run`` the first stage takes over the run that ``mlflow run`` created."""
+    under ``mlflow run`` the first stage takes over the run that ``mlflow run`` created.
+    ``log_system_metrics``: the run logs :func:`system_metrics`."""
     import mlflow
 
     from psydef import progress
 
     mark_dead_runs_failed()
-    with _failed_on_sigterm(), mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None) as run:
+    # MLflow's own monitor (MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=true) would log the same metrics twice
+    with _failed_on_sigterm(), mlflow.start_run(run_name=run_name, nested=mlflow.active_run() is not None,
+                                                log_system_metrics=False if log_system_metrics else None) as run:
         mlflow.set_tags({STAGE: stage, **(tags or {})})  # start_run ignores tags when resuming a run
         _warn_exposed_params(run)
         progress.banner(f"{stage}: {run_name} (run {run.info.run_id})")
-        with heartbeat(run.info.run_id):
+        with heartbeat(run.info.run_id), system_metrics(run.info.run_id) if log_system_metrics else nullcontext():
             yield run
 
 
@@ -380,6 +391,40 @@ def _warn_exposed_params(run) -> None:
         print(f"warning: run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
               "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
               "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
+
+
+@contextmanager
+def system_metrics(run_id: str):
+    """Log MLflow's system metrics (``system/...``: CPU, memory, disk and network; each GPU's use,
+    memory and power with the ``gpu`` extra) on ``run_id`` while inside. MLflow's monitor thread
+    samples every 10 s ($MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL) and drops the samples of the interval
+    it is in when stopped; on leaving, the thread is stopped and joined, and those samples are logged
+    with one taken then, so a run shorter than one interval has them too.
+    ``MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING=false`` turns them off."""
+    from mlflow.environment_variables import MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING
+    from mlflow.exceptions import MlflowException
+    from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+    if MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.defined and not MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING.get():
+        yield
+        return
+    monitor_log = logging.getLogger("mlflow.system_metrics")
+    if monitor_log.level == logging.NOTSET:  # four INFO lines a run (start, stop, no GPU) beside one a fold
+        monitor_log.setLevel(logging.WARNING)
+    monitor = SystemMetricsMonitor(run_id)
+    monitor.start()
+    try:
+        yield
+    finally:
+        monitor.finish()
+        try:
+            if held := monitor.aggregate_metrics():
+                monitor.publish_metrics(held)
+            monitor.collect_metrics()
+            monitor.publish_metrics(monitor.aggregate_metrics())
+            monitor.mlflow_logger.flush()
+        except (MlflowException, OSError) as err:  # a server away: only these samples are lost
+            logging.getLogger(__name__).warning("run %s: the last system metrics were not logged: %s", run_id, err)
 
 
 def log_new_params(params: dict, run_id: str | None = None) -> None:
@@ -435,6 +480,16 @@ def log_npy(array: np.ndarray, artifact_path: str) -> None:
     with tempfile.TemporaryDirectory() as tmp:
         np.save(Path(tmp) / name, array)
         mlflow.log_artifact(str(Path(tmp) / name), artifact_path=directory or None)
+
+
+def log_figure(figure, artifact_path: str) -> None:
+    """Log a matplotlib figure as a PNG, or a plotly one as HTML that holds plotly.js (it opens without
+    network), on the active run at ``artifact_path``."""
+    import mlflow
+
+    html = artifact_path.endswith(".html")
+    mlflow.log_figure(figure, artifact_path,
+                      save_kwargs={"include_plotlyjs": True} if html else {"dpi": 120, "bbox_inches": "tight"})
 
 
 def artifact_uri(run_id: str, artifact_path: str) -> str:
@@ -605,6 +660,23 @@ def model_version(name: str, version: str | int | None):
         return client().get_model_version(name, str(version))
     except MlflowException as err:
         raise ValueError(f"registered model {name!r} has no version {version}") from err
+
+
+def version_metrics(version) -> dict[str, float]:
+    """The metrics of a model version's logged model (``register`` logs MODEL_METRICS there), the latest
+    value of each; empty for a version registered without one. MLflow 3.17's registry answers leave the
+    version's ``model_id`` unset (SQL store and server alike), so it is read from the version's
+    ``models:/<model id>`` source."""
+    from mlflow.store.artifact.utils.models import _parse_model_uri
+    from mlflow.utils.uri import is_models_uri
+
+    model_id = version.model_id
+    if model_id is None and version.source and is_models_uri(version.source):
+        model_id = _parse_model_uri(version.source).model_id
+    if model_id is None:
+        return {}
+    latest = sorted(client().get_logged_model(model_id).metrics or [], key=lambda m: (m.step, m.timestamp))
+    return {metric.key: metric.value for metric in latest}
 
 
 def describe_version(name: str, version: str | int, text: str) -> None:

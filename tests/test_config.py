@@ -16,7 +16,7 @@ from mlflow import MlflowClient
 from entrypoints.cli import cli
 from psydef.stages import config
 from psydef.settings import base_type, option_name
-from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, TrainConfig, TuneConfig
+from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, PromoteConfig, TrainConfig, TuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
 CONFIGS = {"prepare": config.PrepareConfig, "train": config.TrainConfig, "aggregate": config.AggregateConfig,
@@ -59,12 +59,14 @@ def test_main_passes_on_the_defaults_of_the_stages_it_runs():
                                                               TuneConfig().n_jobs)
     assert main.prepare() == PrepareConfig(seed=main.seeds[0])
     assert main.predict().out_dir == PredictConfig().out_dir
+    assert main.min_gain == PromoteConfig().min_gain  # the margin main's promote gates with
     assert set(main.params()) == {f.name for f in dataclasses.fields(MainConfig)}  # what the pipeline run logs
 
 
 LLM = "qwen3-8b-qlora"  # its hyper-parameters include epochs and learning_rate (checked without building it)
 BAD = {  # command line -> what the one-line error must say
     ("train", "--epochs", "0"): r"--epochs: must be >= 1, got 0",
+    ("promote", "--min-gain", "-0.01"): r"--min-gain: must be >= 0",
     ("train", "--learning-rate", "-0.1"): r"--learning-rate: must be > 0",
     ("train", "--backbone", LLM, "--hyper", "epochs=abc"): r"--hyper epochs: expected int, got 'abc'",
     ("train", "--backbone", LLM, "--hyper", "learning_rate=-0.1"): r"--hyper learning_rate: must be > 0",

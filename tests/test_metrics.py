@@ -1,3 +1,5 @@
+import io
+
 import numpy as np
 import pytest
 
@@ -51,12 +53,23 @@ def test_confusion_is_9x9_rows_true():
     assert matrix[1, 0] == 1 and matrix[2, 7] == 1 and matrix[7, 7] == 3
 
 
-def test_plots_write_png(tmp_path):
-    written = [
-        plot_confusion_matrix(Y_TRUE, Y_PRED, tmp_path / "cm.png", title="fold 0"),
-        plot_per_class_f1(Y_TRUE, Y_PRED, tmp_path / "f1.png"),
-        plot_class_distribution(Y_TRUE, tmp_path / "nested" / "dist.png", augmented_labels=[2, 2, 8]),
-        plot_class_distribution(Y_TRUE, str(tmp_path / "dist_real.png")),
-    ]
-    for path in written:
-        assert path.read_bytes().startswith(PNG_SIGNATURE) and path.stat().st_size > 1000
+def _png(figure) -> bytes:
+    out = io.BytesIO()
+    figure.savefig(out, format="png")
+    return out.getvalue()
+
+
+def test_plots_are_figures_of_the_scores():
+    """The plot functions write nothing: they return figures (the stages log them), which render as PNG."""
+    matrix = plot_confusion_matrix(Y_TRUE, Y_PRED, title="fold 0")
+    ax = matrix.axes[0]
+    assert ax.get_title() == "fold 0"
+    assert sum(int(text.get_text()) for text in ax.texts) == len(Y_TRUE)  # one count per cell
+    f1 = plot_per_class_f1(Y_TRUE, Y_PRED)
+    heights = [bar.get_height() for bar in f1.axes[0].patches]
+    np.testing.assert_allclose(heights, per_class_report(Y_TRUE, Y_PRED)["f1"])
+    stacked = plot_class_distribution(Y_TRUE, augmented_labels=[2, 2, 8])
+    assert [bar.get_height() for bar in stacked.axes[0].patches][9:] == [0, 0, 2, 0, 0, 0, 0, 0, 1]
+    for figure in (matrix, f1, stacked, plot_class_distribution(Y_TRUE)):
+        png = _png(figure)
+        assert png.startswith(PNG_SIGNATURE) and len(png) > 1000

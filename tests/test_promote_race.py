@@ -12,10 +12,13 @@ import pytest
 from mlflow import MlflowClient
 
 from psydef import tracking
+from psydef.stages.config import PromoteConfig
+from psydef.stages.promote import beats
 from tests.fixtures.server import REPO, clean_env, mlflow_server, tail
 
 NAME = tracking.MODEL_NAME
-# version -> gate score; v1 is the champion (0.4). One after the other, 4 after 2 passes, 2 after 4 is refused.
+# version -> gate score; v1 is the champion (0.4). One after the other, 4 after 2 passes, 2 after 4 is refused, and so
+# is 5 (equal to 1).
 SCORES = {2: 0.45, 3: 0.35, 4: 0.5, 5: 0.4}
 ROUNDS = 3
 PROMOTE_TIMEOUT = 600
@@ -25,11 +28,12 @@ PROMOTE_TIMEOUT = 600
 def server(registry_store, champion, tmp_path_factory):
     """The registry store with versions 2..5 (SCORES), served by a loopback tracking server."""
     client = MlflowClient()
-    assert str(champion.version) == "1" and float(champion.tags[tracking.GATE_METRIC]) == 0.4
+    assert str(champion.version) == "1" and tracking.version_metrics(champion)[tracking.GATE_METRIC] == 0.4
+    # the champion's files as versions of the older kind, whose gate score is a tag (the logged model's is 0.4)
+    files = client.get_logged_model(champion.source.removeprefix("models:/")).artifact_location
     for number, score in SCORES.items():
-        version = client.create_model_version(NAME, champion.source, champion.run_id,
-                                              tags={**champion.tags, tracking.GATE_METRIC: repr(score)},
-                                              model_id=champion.model_id)
+        version = client.create_model_version(NAME, files, champion.run_id,
+                                              tags={**champion.tags, tracking.GATE_METRIC: repr(score)})
         assert str(version.version) == str(number)
     workdir = tmp_path_factory.mktemp("race-server")
     with mlflow_server(registry_store.uri, workdir) as (uri, _, log):
@@ -42,7 +46,7 @@ def serial_outcomes(order, champion=1, scores={1: 0.4, **SCORES}):
     for version in order:
         if version == production:
             promoted[version] = True
-        elif scores[version] >= scores[production]:
+        elif beats(scores[version], scores[production], PromoteConfig().min_gain):
             production, previous, promoted[version] = version, production, True
         else:
             promoted[version] = False

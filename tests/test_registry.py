@@ -16,8 +16,10 @@ from psydef.stages import promote as promote_stage, register as register_stage
 from psydef.backbones import load_adapter
 from psydef.calibration.rule import EnsembleSpec, blend, softmax
 from psydef.core.labels import PROB_COLUMNS
+from psydef.stages.promote import PromotionRefused
 from tests.fixtures.records import ensemble_rows
 from tests.fixtures.server import post_json, served_model
+from tests.fixtures.stores import tune_metrics
 
 NAME = tracking.MODEL_NAME
 
@@ -47,15 +49,22 @@ def _direct_decode(tune_run_id: str, rows):
     return spec.decode_logits(logits), blend(logits, spec.weights)
 
 
-def test_register_tags_lineage_and_metrics(store, champion):
+def test_register_tags_lineage_and_links_the_tune_metrics_to_the_logged_model(store, champion):
     tags = champion.tags
     assert tags[tracking.V_TUNE_RUN_ID] == store.tune.good
     assert tags[tracking.V_TRAIN_RUN_IDS] == ",".join(store.members)
     assert tags[tracking.V_DATA_DIGEST] == "digest0"
     assert tags[tracking.V_BACKBONE] == "minilm"
-    assert float(tags[tracking.ESTIMATED_F1]) == 0.4 and float(tags[tracking.CALIBRATED_F1]) == pytest.approx(0.5)
+    assert tracking.GATE_METRIC not in tags  # the scores are the logged model's metrics, not strings
+    expected = tune_metrics(0.4)
+    assert tracking.version_metrics(champion) == expected  # every tune metric, exactly as tune logged it
     run = mlflow.get_run(champion.run_id)
     assert run.data.tags[tracking.STAGE] == tracking.REGISTER
+    assert run.data.metrics == expected  # the register run shows them too
+    # the experiment's Models tab filters and sorts logged models by them
+    found = MlflowClient().search_logged_models([run.info.experiment_id],
+                                                filter_string=f"metrics.{tracking.GATE_METRIC} > 0.35")
+    assert [model.model_uri for model in found] == [champion.source]
 
 
 def test_production_alias_predicts_like_direct_decoding(store, champion):
@@ -76,7 +85,8 @@ def test_production_alias_predicts_like_direct_decoding(store, champion):
 def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     client = MlflowClient()
     worse = register_stage.register(store.tune.worse)
-    with pytest.raises(ValueError, match=r"oof_macro_f1_estimated 0\.3, below 0\.4 of production version"):
+    with pytest.raises(PromotionRefused, match=r"oof_macro_f1_estimated 0\.3 against 0\.4 of production version "
+                                               r"1: a gain of -0\.1, where at least 0\.01 \(min_gain\) is needed"):
         promote_stage.promote(worse.version)
     assert _production() == champion.version
     promote_stage.promote(worse.version, force=True)
@@ -89,6 +99,39 @@ def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     promoted = promote_stage.promote(champion.version, legacy_stage=True)
     assert _production() == champion.version and promoted.current_stage == tracking.LEGACY_STAGE
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == worse.version
+
+
+def _old_style_version(champion, **tags):
+    """A version as registered before the scores were the logged model's metrics: the champion's files
+    (from their folder, not ``models:/<model id>``), its gate score, if any, only as a tag."""
+    client = MlflowClient()
+    files = client.get_logged_model(champion.source.removeprefix("models:/")).artifact_location
+    return client.create_model_version(NAME, files, champion.run_id, tags=tags)
+
+
+def test_a_challenger_must_beat_the_champion_by_min_gain(store, champion):
+    client = MlflowClient()
+    assert _production() == champion.version  # 0.4
+    close = register_stage.register(store.tune.close)  # 0.405 on its logged model
+    client.set_model_version_tag(NAME, close.version, tracking.GATE_METRIC, "0.9")  # a stray tag: the metric counts
+    with pytest.raises(PromotionRefused, match=r"0\.405 against 0\.4 of production version 1: a gain of \+0\.005, "
+                                               r"where at least 0\.01 \(min_gain\) is needed.*--force.*--min-gain"):
+        promote_stage.promote(close.version)  # the default margin
+    assert _production() == champion.version
+    equal = _old_style_version(champion, **{tracking.GATE_METRIC: "0.4"})
+    with pytest.raises(PromotionRefused, match=r"a gain of \+0, where more than 0 \(min_gain\) is needed"):
+        promote_stage.promote(equal.version, min_gain=0)  # an equal score never replaces the champion
+    promote_stage.promote(close.version, min_gain=0.005)  # exactly the margin
+    assert _production() == close.version
+    better = _old_style_version(champion, **{tracking.GATE_METRIC: "0.42"})  # gated by its tag
+    promote_stage.promote(better.version)  # 0.015 above 0.405
+    assert _production() == better.version
+    with pytest.raises(ValueError, match=r"has no oof_macro_f1_estimated \(neither on its logged model nor as a tag"):
+        promote_stage.promote(_old_style_version(champion).version)
+    promote_stage.promote(equal.version, force=True)  # below the champion: force promotes it anyway
+    assert _production() == equal.version
+    promote_stage.promote(champion.version, force=True)
+    assert _production() == champion.version
 
 
 def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_params(champion, monkeypatch):

@@ -8,7 +8,7 @@ from psydef.calibration.rule import EnsembleSpec, plain_decode
 from psydef.calibration.score import CandidateScorer, macro_f1
 from psydef.calibration.calibrate import calibrate_oof
 from psydef.calibration.storage import load_study, parse_storage
-from psydef.calibration.study import SearchSpace, align_members, complete_trials, run_study
+from psydef.calibration.study import SearchSpace, align_members, complete_trials, interactive_plots, run_study
 from tests.fixtures.fake_runs import oof_problem as problem, two_tuners_on_one_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -170,10 +170,28 @@ def test_two_processes_share_a_study_and_end_with_exactly_n_trials(tmp_path, kin
 # --- plots and the whole calibration -------------------------------------------------------------
 
 
-def test_plots_are_written(tmp_path):
+def test_plots_are_figures_out_of_pyplots_registry():
+    import io
+
+    import matplotlib.pyplot as plt
+
     result = run_study(scorer(), n_trials=30, sampler="random", show_progress=False)
-    for path in (result.plot_history(tmp_path / "history.png"), result.plot_importances(tmp_path / "importances.png")):
-        assert path.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    open_before = plt.get_fignums()
+    for figure in (result.plot_history(), result.plot_importances()):
+        png = io.BytesIO()
+        figure.savefig(png, format="png")
+        assert png.getvalue()[:8] == b"\x89PNG\r\n\x1a\n"
+    assert plt.get_fignums() == open_before  # nothing left open: many tune runs in one process do not pile up
+
+
+@pytest.mark.skipif(not interactive_plots(), reason="plotly is not installed (the plots extra)")
+def test_interactive_plots_are_plotly_figures_of_the_trials():
+    result = run_study(scorer(), n_trials=30, sampler="random", show_progress=False)
+    history = result.plot_history(interactive=True)
+    values = [v for trace in history.data if trace.name == "Objective Value" for v in trace.y]
+    assert sorted(values) == sorted(t.value for t in result.study.trials)
+    importances = result.plot_importances(interactive=True)
+    assert set(importances.data[0].y) == set(result.study.best_params)
 
 
 def test_calibrate_oof_keeps_the_calibrated_rule_when_its_estimated_gain_is_positive(tmp_path):

@@ -1,3 +1,5 @@
+import threading
+
 import mlflow
 import numpy as np
 import pytest
@@ -10,6 +12,7 @@ from psydef.stages.config import PrepareConfig, TrainConfig
 from psydef.stages.prepare import run_prepare
 from psydef.stages.train import run_train
 
+MONITOR_THREAD = "SystemMetricsMonitor"  # MLflow's name for its sampling thread
 FAST = {"char_ngrams": False, "max_length": 32}  # the CPU default on short encoder inputs
 
 
@@ -59,6 +62,8 @@ def test_train_logs_fold_runs_and_parent_oof(train, prepared, tmp_path):
         history = mlflow.MlflowClient().get_metric_history(run.info.run_id, "train_loss")
         assert [m.step for m in history] == [1]  # one fit, reported as one epoch
         assert "val_macro_f1" in run.data.metrics and run.data.params["max_length"] == "32"
+        # a fold of seconds still has its system metrics (a sample at its end), from MLflow's monitor
+        assert {tracking.SYSTEM_CPU, tracking.SYSTEM_MEMORY} <= set(run.data.metrics)
         # the adapter is loadable on its own and gives the logged logits
         local = mlflow.artifacts.download_artifacts(run_id=run.info.run_id, artifact_path="adapter",
                                                     dst_path=str(tmp_path / f"adapter{k}"))
@@ -74,11 +79,27 @@ def test_train_logs_fold_runs_and_parent_oof(train, prepared, tmp_path):
     assert metrics["oof_macro_f1_all"] == pytest.approx(scores["macro_f1_all"], abs=1e-12)
     assert metrics["oof_accuracy"] == pytest.approx(scores["accuracy"], abs=1e-12)
     assert all(f"oof_f1_level_{c}" in metrics for c in range(9))
-    assert _artifacts(parent_id, "plots") == {"plots/confusion_matrix.png", "plots/per_class_f1.png"}
+    assert _artifacts(parent_id, "plots") == {tracking.CONFUSION_PLOT, tracking.PER_CLASS_F1_PLOT}
+    assert not [t for t in threading.enumerate() if t.name == MONITOR_THREAD]  # every fold's monitor stopped
     test_probs = tracking.load_npy(parent_id, tracking.TEST_PROBS)
     expected = np.mean([softmax(tracking.load_npy(r.info.run_id, tracking.TEST_LOGITS)) for r in folds.values()], axis=0)
     np.testing.assert_allclose(test_probs, expected, rtol=1e-6)
     assert mlflow.artifacts.load_dict(tracking.artifact_uri(parent_id, tracking.TEST_IDS)) == list(prepared.test["id"])
+
+
+def test_system_metrics_sample_a_run_shorter_than_the_interval_and_can_be_turned_off(tracking_uri, monkeypatch):
+    monkeypatch.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "3600")  # MLflow's thread would log nothing
+    with mlflow.start_run() as run, tracking.system_metrics(run.info.run_id):
+        assert [t for t in threading.enumerate() if t.name == MONITOR_THREAD]
+    assert not [t for t in threading.enumerate() if t.name == MONITOR_THREAD]  # stopped and joined
+    history = mlflow.MlflowClient().get_metric_history(run.info.run_id, tracking.SYSTEM_MEMORY)
+    # the sample the thread held back (unless it had not taken one yet), then the one taken at the end
+    assert [m.step for m in history] in ([0], [0, 1]) and all(m.value > 0 for m in history)
+    assert tracking.SYSTEM_CPU in mlflow.get_run(run.info.run_id).data.metrics
+    monkeypatch.setenv("MLFLOW_ENABLE_SYSTEM_METRICS_LOGGING", "false")
+    with mlflow.start_run() as off, tracking.system_metrics(off.info.run_id):
+        pass
+    assert not mlflow.get_run(off.info.run_id).data.metrics
 
 
 def test_same_seed_gives_bit_identical_oof_and_resume_trains_only_missing_folds(train, prepared):

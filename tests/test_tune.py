@@ -16,6 +16,7 @@ from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
 from psydef.calibration.score import macro_f1
 from psydef.calibration.storage import load_study
+from psydef.calibration.study import interactive_plots
 from psydef.stages import tune as tune_stage
 from psydef.stages.config import TuneConfig
 from psydef.stages.tune import load_oof, pick_train_runs
@@ -116,7 +117,11 @@ def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibra
                                                                  dst_path=tmp))
     assert len(trials) == 48 and trials["value"].max() == metrics[tracking.CALIBRATED_F1]
     plots = {f.path for f in MlflowClient().list_artifacts(tune_id, "plots")}
-    assert plots == {tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT, tracking.CONFUSION_PLOT}
+    interactive = {tracking.HISTORY_HTML, tracking.IMPORTANCE_HTML} if interactive_plots() else set()
+    assert plots == {tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT, tracking.CONFUSION_PLOT, *interactive}
+    for path in interactive:  # plotly.js inside: the plot opens without network
+        html = mlflow.artifacts.load_text(tracking.artifact_uri(tune_id, path))
+        assert "<html>" in html[:100] and 'src="https://cdn.plot.ly' not in html and "Plotly.newPlot" in html
 
     out = capsys.readouterr().out
     assert f"tune run {tune_id}" in out and "is positive: the calibrated rule is kept" in out

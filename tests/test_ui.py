@@ -4,7 +4,8 @@ a free loopback port, rendered by headless Chromium (``--dump-dom`` after a ``--
 
 Asserted on the rendered pages: the experiment's runs table lists the train runs and their dataset,
 a train run's page shows its description, the compare page shows the params that differ, the model
-version page shows the version's description and the ``production`` alias. Screenshots of each page
+version page shows the version's description and the ``production`` alias, a fold run's page and its
+System metrics tab show its system metrics, and the version's logged model page lists the tune metrics. Screenshots of each page
 are saved in the test's temporary folder, or in $PSYDEF_UI_SCREENSHOTS (the path is printed). Skips when Chromium is absent
 (Debian: ``apt-get install chromium``)."""
 from __future__ import annotations
@@ -137,5 +138,29 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
                               profile)
         assert description in version_page
         assert any(tracking.PRODUCTION in node for node in version_page)
+
+        # a fold run's system metrics: in its overview's metrics table, and as charts in its System metrics tab
+        fold_run = client.get_run(tracking.fold_runs(train_runs[0])[0].info.run_id)
+        system = {key: value for key, value in fold_run.data.metrics.items() if key.startswith("system/")}
+        assert {tracking.SYSTEM_CPU, tracking.SYSTEM_MEMORY} <= set(system)
+        fold_url = f"{uri}/#/experiments/{experiment.experiment_id}/runs/{fold_run.info.run_id}"
+        fold_page = render(f"{fold_url}?workflowType=machine_learning", shots / "5-fold-run.png", profile)
+        assert f"System metrics ({len(system)})" in fold_page
+        for key in (tracking.SYSTEM_CPU, tracking.SYSTEM_MEMORY):
+            assert float(_after(fold_page, key, 1)[0]) == system[key]
+        charts = render(f"{fold_url}/system-metrics?workflowType=machine_learning", shots / "6-fold-system-metrics.png",
+                        profile)
+        assert _after(charts, "System metrics", 1) == [f"({len(system)})"]  # one chart each
+
+        # the registered version's logged model (the version page's "Source Model") lists the tune metrics
+        metrics = tracking.version_metrics(client.get_model_version(tracking.MODEL_NAME, version))
+        assert set(metrics) == set(tracking.MODEL_METRICS)
+        model_id = client.get_model_version(tracking.MODEL_NAME, version).source.removeprefix("models:/")
+        model_page = render(f"{uri}/#/experiments/{experiment.experiment_id}/models/{model_id}",
+                            shots / "7-logged-model.png", profile)
+        assert f"Metrics ({len(metrics)})" in model_page
+        for key, value in metrics.items():  # metric, then its dataset, source run and value
+            _, source, shown = _after(model_page, key, 3)
+            assert source == f"register {tracking.MODEL_NAME}" and float(shown) == value, (key, source, shown)
     with capsys.disabled():
         print(f"\nMLflow UI screenshots: {shots}")

@@ -29,7 +29,6 @@ import time
 import warnings
 from dataclasses import dataclass
 from functools import partial
-from pathlib import Path
 from typing import Sequence
 
 import numpy as np
@@ -179,26 +178,33 @@ class SearchResult:
         complete = complete_trials(self.study)
         return np.maximum.accumulate(np.array([t.value for t in complete], dtype=np.float64))
 
-    def plot_history(self, path) -> Path:
-        return _save_plot(optuna.visualization.matplotlib.plot_optimization_history, self.study, path)
+    def plot_history(self, interactive: bool = False):
+        """Optuna's optimization history: a matplotlib figure, or a plotly one with ``interactive``
+        (needs plotly: :func:`interactive_plots`)."""
+        return _plot("plot_optimization_history", self.study, interactive)
 
-    def plot_importances(self, path) -> Path:
-        """Parameter importances (Optuna's default evaluator, PED-ANOVA)."""
-        return _save_plot(optuna.visualization.matplotlib.plot_param_importances, self.study, path)
+    def plot_importances(self, interactive: bool = False):
+        """Parameter importances (Optuna's default PED-ANOVA evaluator),
+        as :meth:`plot_history` draws them."""
+        return _plot("plot_param_importances", self.study, interactive)
 
 
-def _save_plot(plot_fn, study: optuna.Study, path) -> Path:
+def interactive_plots() -> bool:
+    """Whether Optuna's plotly plots can be drawn (plotly installed: the ``plots`` extra)."""
+    return optuna.visualization.is_available()
+
+
+def _plot(name: str, study: optuna.Study, interactive: bool):
     import matplotlib.pyplot as plt
 
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        ax = plot_fn(study)
-    fig = ax.figure
-    fig.tight_layout()
-    path = Path(path)
-    fig.savefig(path, dpi=120)
-    plt.close(fig)
-    return path
+        if interactive:
+            return getattr(optuna.visualization, name)(study)
+        figure = getattr(optuna.visualization.matplotlib, name)(study).figure
+    figure.tight_layout()
+    plt.close(figure)  # out of pyplot's registry (Optuna draws with pyplot): freed once the caller drops it
+    return figure
 
 
 def run_study(scorer: CandidateScorer, *, n_trials: int, sampler: str = "tpe", seed: int = 0, gate: bool = True,

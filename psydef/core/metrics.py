@@ -4,14 +4,13 @@ The official PsyDefDetect score is macro-F1 over levels 1..8 (:data:`OFFICIAL_LA
 excluded from the average but still matters, since predicting 0 for a defended utterance costs recall
 of its true level. A level with no true and no predicted item scores 0 (``zero_division=0``).
 
-Plots use matplotlib's object API (:class:`~matplotlib.figure.Figure`, rendered by the Agg canvas
-when saved) rather than pyplot, so no display or global figure registry is involved and nothing stays
-open after a plot function returns.
+Plot functions return a matplotlib :class:`~matplotlib.figure.Figure` built with the object API rather
+than pyplot, so no display or global figure registry is involved: the caller saves or logs it, and it is
+freed once dropped (nothing to close).
 """
 from __future__ import annotations
 
 from collections.abc import Sequence
-from pathlib import Path
 
 import numpy as np
 import pandas as pd
@@ -62,15 +61,7 @@ def _level_xticks(ax) -> None:
     ax.set_xticks(range(N_LEVELS), _tick_labels(), rotation=45, ha="right")
 
 
-def _save(fig: Figure, path: str | Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, format="png", dpi=120, bbox_inches="tight")
-    return path
-
-
-def plot_confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path, *,
-                          title: str = "Confusion matrix") -> Path:
+def plot_confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, *, title: str = "Confusion matrix") -> Figure:
     """Counts written in the cells; colours are row-normalised (recall per true level) so that the
     rare levels are as readable as level 7."""
     counts = confusion(y_true, y_pred)
@@ -90,10 +81,10 @@ def plot_confusion_matrix(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path
     ax.set_xlabel("predicted level")
     ax.set_ylabel("true level")
     ax.set_title(title)
-    return _save(fig, path)
+    return fig
 
 
-def plot_per_class_f1(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path) -> Path:
+def plot_per_class_f1(y_true: ArrayLike, y_pred: ArrayLike) -> Figure:
     """F1 per level; level 0 is drawn grey and hatched because the official average leaves it out,
     and the dashed line is that official macro-F1."""
     report = per_class_report(y_true, y_pred)
@@ -113,11 +104,10 @@ def plot_per_class_f1(y_true: ArrayLike, y_pred: ArrayLike, path: str | Path) ->
     ax.set_title("F1 per defense level")
     _level_xticks(ax)
     ax.legend(loc="upper left")
-    return _save(fig, path)
+    return fig
 
 
-def plot_class_distribution(labels: ArrayLike, path: str | Path,
-                            augmented_labels: ArrayLike | None = None) -> Path:
+def plot_class_distribution(labels: ArrayLike, augmented_labels: ArrayLike | None = None) -> Figure:
     """Items per level: real items, with augmented variants stacked on top when given."""
     real = np.bincount(np.asarray(labels, dtype=int), minlength=N_LEVELS)
     fig = Figure(figsize=(10, 5))
@@ -130,4 +120,4 @@ def plot_class_distribution(labels: ArrayLike, path: str | Path,
     ax.set_title("Items per defense level")
     _level_xticks(ax)
     ax.legend()
-    return _save(fig, path)
+    return fig

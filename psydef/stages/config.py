@@ -121,9 +121,12 @@ class RegisterConfig(Settings):
 class PromoteConfig(Settings):
     version: int | None = setting(None, "Model version to promote (default: the newest).", ge=1)
     name: str = _like(RegisterConfig, "name")
-    force: bool = setting(False, f"true: promote even if its {tracking.GATE_METRIC} is below production's.")
+    force: bool = setting(False, f"true: promote even if its {tracking.GATE_METRIC} does not beat production's by "
+                                 "min_gain.")
     legacy_stage: bool = setting(False, f"true: also move it to the deprecated registry stage "
                                         f"{tracking.LEGACY_STAGE!r}.")
+    min_gain: float = setting(0.01, f"How much higher than production's its {tracking.GATE_METRIC} must be (an "
+                                    "equal score never replaces it): about the spread of that estimate's error.", ge=0)
 
 
 @dataclass(frozen=True)
@@ -149,6 +152,7 @@ class MainConfig(Settings):
     sampler: str = _like(TuneConfig, "sampler")
     gate: bool = _like(TuneConfig, "gate")
     model_name: str = _like(RegisterConfig, "name")
+    min_gain: float = _like(PromoteConfig, "min_gain")
     out_dir: Path = _like(PredictConfig, "out_dir")
 
     def check(self) -> None:

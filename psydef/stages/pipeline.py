@@ -23,7 +23,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
     estimated OOF macro-F1 than the current champion's); the prediction then comes from the champion."""
     seeds, model_name, backbone, data_dir = config.seeds, config.model_name, config.backbone, config.data_dir
     writable_folder(config.out_dir, "--out-dir")  # where predict writes at the end, checked before anything runs
-    with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}") as run:
+    with tracking.stage_run(tracking.PIPELINE, f"main seeds={','.join(map(str, seeds))}", log_system_metrics=True) as run:
         tracking.log_new_params(config.params())
         prepared = run_prepare(config.prepare())
         progress.plan_main(seeds=len(seeds), n_splits=prepared.n_splits, backbone=backbone, n_trials=config.n_trials,
@@ -33,7 +33,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
         tune_run = run_tune(config.tune(train_runs), experiment_id=experiment_id)
         version = register(tune_run, name=model_name)
         try:
-            promote(version.version, name=model_name)
+            promote(version.version, name=model_name, min_gain=config.min_gain)
             promoted = "became production"
         except PromotionRefused as refused:
             print(f"main: {refused}; predicting with the current production model")

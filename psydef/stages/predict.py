@@ -14,7 +14,6 @@ from __future__ import annotations
 
 import json
 import os
-import tempfile
 import zipfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -127,10 +126,9 @@ def run_predict(config: PredictConfig) -> Predicted:
             y_true, y_pred = table["label"].to_numpy(), predictions["label"].to_numpy()
             metrics = evaluate(y_true, y_pred)
             mlflow.log_metrics(metrics)
-            with tempfile.TemporaryDirectory() as tmp:
-                plot = plot_confusion_matrix(y_true, y_pred, Path(tmp) / Path(tracking.CONFUSION_PLOT).name,
-                                             title=f"{path.name}: macro-F1 (levels 1..8) = {metrics['macro_f1']:.3f}")
-                mlflow.log_artifact(str(plot), artifact_path=str(Path(tracking.CONFUSION_PLOT).parent))
+            tracking.log_figure(plot_confusion_matrix(
+                y_true, y_pred, title=f"{path.name}: macro-F1 (levels 1..8) = {metrics['macro_f1']:.3f}"),
+                tracking.CONFUSION_PLOT)
         score = f", macro-F1 (levels 1..8) {metrics['macro_f1']:.4f}" if metrics else ""
         tracking.describe(f"Labelled the {len(predictions)} records of {path} with {loaded_uri} (asked for "
                           f"{config.model_uri}){score}. {tracking.PREDICTION_ZIP} is the CodaBench submission.")

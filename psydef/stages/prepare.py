@@ -69,9 +69,8 @@ def run_prepare(config: PrepareConfig) -> Prepared:
         with tempfile.TemporaryDirectory() as tmp:
             folds.to_csv(Path(tmp) / tracking.FOLDS_CSV, index=False)
             mlflow.log_artifact(str(Path(tmp) / tracking.FOLDS_CSV))
-            plot = plot_class_distribution(train["label"], Path(tmp) / Path(tracking.CLASS_PLOT).name,
-                                           augmented_labels=augmented["label"])
-            mlflow.log_artifact(str(plot), artifact_path=str(Path(tracking.CLASS_PLOT).parent))
+        tracking.log_figure(plot_class_distribution(train["label"], augmented_labels=augmented["label"]),
+                            tracking.CLASS_PLOT)
         mlflow.log_dict(augmented.to_dict(orient="records"), tracking.AUGMENTED_JSON)
         print(f"prepare: {len(train)} records, {train['dialogue_id'].nunique()} dialogues, "
               f"{len(augmented)} augmented variants, {n_splits} folds by {group_by}, "

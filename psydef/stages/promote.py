@@ -1,6 +1,6 @@
 """The ``promote`` stage: move the alias ``production`` to a version once the version has loaded and
-predicted, and only if its estimated OOF macro-F1 on unseen rows is not below the current champion's; the
-champion it replaces gets the alias ``previous``.
+predicted, and only if its estimated OOF macro-F1 on unseen rows beats the current champion's by at least
+``min_gain``; the champion it replaces gets the alias ``previous``.
 
 Concurrent promotes (on any machines sharing the tracking server) are serialised by the promotion
 lease (:class:`psydef.tracking.PromotionLease`): the champion is read, gated against and replaced
@@ -18,20 +18,29 @@ class PromotionRefused(ValueError):
 
 
 def _gate_metric(version) -> float:
-    value = version.tags.get(tracking.GATE_METRIC)
+    """The version's gate score: its logged model's metric, else the version tag that versions registered
+    before the metrics moved to the logged model carry."""
+    value = tracking.version_metrics(version).get(tracking.GATE_METRIC, version.tags.get(tracking.GATE_METRIC))
     if value is None:
-        raise ValueError(f"version {version.version} of {version.name!r} has no tag {tracking.GATE_METRIC}, which "
-                         "the promote gate compares; register it with `psydef register`, or pass --force")
+        raise ValueError(f"version {version.version} of {version.name!r} has no {tracking.GATE_METRIC} (neither on its "
+                         "logged model nor as a tag), which the promote gate compares; register it with "
+                         "`psydef register`, or pass --force")
     return float(value)
 
 
+def beats(challenger: float, champion: float, min_gain: float) -> bool:
+    """Whether a gate score replaces the champion's: higher, by at least ``min_gain`` (the difference
+    rounded to 1e-9, so that 0.41 - 0.40 counts as 0.01)."""
+    return challenger > champion and round(challenger - champion, 9) >= min_gain
+
+
 def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME, force: bool = False,
-            legacy_stage: bool = False):
+            legacy_stage: bool = False, min_gain: float = PromoteConfig.min_gain):
     """Point the alias ``production`` at ``version`` (default: the newest) once it has loaded and
-    predicted on the built-in example, and unless its gate metric (``tracking.GATE_METRIC``) is below
-    the current champion's (``force`` skips that gate). The replaced champion gets the alias
-    ``previous``; ``legacy_stage`` also moves the version to the deprecated stage ``Production``.
-    Returns the promoted ``ModelVersion``."""
+    predicted on the built-in example, and only if its gate metric (``tracking.GATE_METRIC``) beats
+    the current champion's by at least ``min_gain`` (:func:`beats`; ``force`` skips that gate). The
+    replaced champion gets the alias ``previous``; ``legacy_stage`` also moves the version to the
+    deprecated stage ``Production``. Returns the promoted ``ModelVersion``."""
     import mlflow
 
     from psydef.core.data import InputLimits
@@ -42,7 +51,7 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
     # MLflow returns version numbers as int here and str there: compare them as str
     number = str(candidate.version)
     with tracking.stage_run(tracking.PROMOTE, f"promote {name} v{number}"):
-        given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage)
+        given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage, min_gain)
         tracking.log_new_params({**given.params(), "promoted_version": number})
         # slow, and independent of the champion: before the lease
         tracking.smoke_test(tracking.registered_model_uri(name, version=number))
@@ -55,10 +64,12 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
                 new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))
                 mlflow.log_metrics({f"challenger_{tracking.GATE_METRIC}": new,
                                     f"champion_{tracking.GATE_METRIC}": old})
-                if new < old:
-                    refused = PromotionRefused(f"version {number} has {tracking.GATE_METRIC} {new:.6g}, below "
-                                               f"{old:.6g} of production version {champion}: not promoted (pass "
-                                               "--force to promote it anyway)")
+                if not beats(new, old, given.min_gain):
+                    needed = f"at least {given.min_gain:g}" if given.min_gain > 0 else "more than 0"
+                    refused = PromotionRefused(
+                        f"version {number} has {tracking.GATE_METRIC} {new:.6g} against {old:.6g} of production version "
+                        f"{champion}: a gain of {new - old:+.6g}, where {needed} (min_gain) is needed: not promoted "
+                        "(pass --force to promote it anyway, or a smaller --min-gain)")
                     tracking.describe(f"Refused: {refused}.")
                     raise refused
             lease.check("before moving the aliases")
@@ -79,6 +90,7 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
                    + ("" if moves else " already"))
         tracking.describe(f"Version {number} of {name} {outcome}: it loaded and predicted on the built-in example"
                           + ("" if force or not champion or not moves else
-                             f", and its {tracking.GATE_METRIC} is not below the champion's") + ".")
+                             f", and its {tracking.GATE_METRIC} beats the champion's by at least {given.min_gain:g}")
+                          + ".")
     print(f"promote: {name} version {number} {outcome}")
     return client.get_model_version(name, number)

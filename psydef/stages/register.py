@@ -1,7 +1,8 @@
 """The ``register`` stage: a tune run's ensemble as a new version of ``psydef-ensemble``.
 
 The ensemble (a pyfunc logged by a ``register`` run, see :mod:`psydef.ensemble`) carries every member's
-fold adapters and the calibration; the version's tags carry its lineage and its tune metrics. The
+fold adapters and the calibration, and the tune metrics (``tracking.MODEL_METRICS``: the experiment's Models
+tab filters logged models by them, ``promote`` gates on them); the version's tags carry its lineage. The
 logged model must load and predict (the smoke test ``promote`` runs too) before a version is created:
 a version that cannot serve is never registered."""
 from __future__ import annotations
@@ -93,7 +94,7 @@ def _one(values: set, what: str, spec: EnsembleSpec) -> str:
     return values.pop()
 
 
-def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int, choice: str) -> str:
+def _description(spec: EnsembleSpec, members: list, tags: dict, metrics: dict, n_adapters: int, choice: str) -> str:
     """What a version is, in one paragraph: members, backbone, decision rule (tune's choice), scores."""
     rule = (f"calibrated rule (tune estimated a positive gain on unseen rows): per-level biases delta, level-7 gate "
             f"tau7 {'off' if spec.tau7 is None else f'{spec.tau7:.3f}'}" if choice == tracking.CALIBRATED else
@@ -102,9 +103,9 @@ def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int,
                        for m, w in zip(members, spec.weights))
     return (f"Ensemble of {len(members)} member(s), backbone {tags[tracking.V_BACKBONE]}: {listed}; {n_adapters} fold "
             f"adapters. {rule[0].upper() + rule[1:]}, tuned in tune run {tags[tracking.V_TUNE_RUN_ID]}. OOF macro-F1 "
-            f"(levels 1..8): estimated on unseen rows {float(tags[tracking.GATE_METRIC]):.4f}, which the promote gate "
+            f"(levels 1..8): estimated on unseen rows {metrics[tracking.GATE_METRIC]:.4f}, which the promote gate "
             f"compares; calibrated rule in-sample (optimistic) "
-            f"{float(tags[tracking.CALIBRATED_F1]):.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
+            f"{metrics[tracking.CALIBRATED_F1]:.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
 
 
 def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
@@ -120,14 +121,13 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
     if missing:
         raise ValueError(f"tune run {tune_run_id} has no metric(s) {missing}: it did not finish; run tune again")
+    metrics = {metric: tune.data.metrics[metric] for metric in tracking.MODEL_METRICS if metric in tune.data.metrics}
     members = [tracking.get_run(run_id, tracking.TRAIN, what="ensemble member (train run)") for run_id in spec.run_ids]
     tags = {
         tracking.V_TUNE_RUN_ID: tune_run_id,
         tracking.V_TRAIN_RUN_IDS: ",".join(spec.run_ids),
         tracking.V_DATA_DIGEST: _one({m.data.tags.get(tracking.DATA_DIGEST) for m in members}, "the data digest", spec),
         tracking.V_BACKBONE: ",".join(dict.fromkeys(m.data.tags.get(tracking.BACKBONE, "?") for m in members)),
-        # repr: the promote gate compares exactly the numbers tune logged
-        **{metric: repr(tune.data.metrics[metric]) for metric in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1)},
     }
     with tempfile.TemporaryDirectory() as tmp:
         folds_of = [tracking.complete_fold_runs(member) for member in members]
@@ -148,12 +148,13 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
                 tracking.client().finalize_logged_model(info.model_id, LoggedModelStatus.FAILED)
                 raise ValueError(f"register: no version created: {err}; at fault: "
                                  f"{_diagnose(adapter_dirs, members, folds_of)}") from err
+            mlflow.log_metrics(metrics, model_id=info.model_id)  # on the register run and on its logged model
             version = mlflow.register_model(info.model_uri, name, tags=tags)
             choice = tune.data.tags.get(tracking.CALIBRATION) or (
                 tracking.CALIBRATED if any(spec.delta) or spec.tau7 is not None else tracking.PLAIN)
-            text = _description(spec, members, tags, sum(map(len, adapter_dirs)), choice)
+            text = _description(spec, members, tags, metrics, sum(map(len, adapter_dirs)), choice)
             tracking.describe_version(name, version.version, text)
             tracking.describe(f"Version {version.version} of {name}: {text}")
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
-          f"({tracking.ESTIMATED_F1} {tags[tracking.ESTIMATED_F1]}); register run {run.info.run_id}")
+          f"({tracking.GATE_METRIC} {metrics[tracking.GATE_METRIC]:.6g}); register run {run.info.run_id}")
     return version

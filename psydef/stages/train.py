@@ -65,7 +65,10 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
     train_rows, valid_rows = rows.loc[train_ids["id"]], rows.loc[valid_ids["id"]]
     model = backbone_class(backbone)(**hyper)
     model.warm_up(pd.concat([rows, prepared.test]) if prepared.test is not None else rows)
-    with (mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None) as run,
+    # MLflow's own system metrics monitor off: psydef's also logs a fold shorter than its sampling interval
+    with (mlflow.start_run(run_name=f"fold {k}", nested=mlflow.active_run() is not None,
+                           log_system_metrics=False) as run,
+          tracking.system_metrics(run.info.run_id),
           tempfile.TemporaryDirectory() as scratch):
         mlflow.set_tags(tracking.fold_tags(parent_run_id, k, seed=seed, backbone=backbone,
                                            data_digest=prepared.digest, prepare_run_id=prepared.run_id))
@@ -141,11 +144,10 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
             mlflow.log_dict(results[0].test_ids, tracking.TEST_IDS)
             tracking.log_npy(probs, tracking.TEST_PROBS)
         mlflow.log_metrics(metrics)
-        with tempfile.TemporaryDirectory() as tmp:
-            plot_confusion_matrix(y, logits.argmax(1), Path(tmp) / "confusion_matrix.png",
-                                  title=f"OOF confusion matrix (macro-F1 1..8 = {scores['macro_f1']:.3f})")
-            plot_per_class_f1(y, logits.argmax(1), Path(tmp) / "per_class_f1.png")
-            mlflow.log_artifacts(tmp, "plots")
+        tracking.log_figure(plot_confusion_matrix(
+            y, logits.argmax(1), title=f"OOF confusion matrix (macro-F1 1..8 = {scores['macro_f1']:.3f})"),
+            tracking.CONFUSION_PLOT)
+        tracking.log_figure(plot_per_class_f1(y, logits.argmax(1)), tracking.PER_CLASS_F1_PLOT)
     summary = (f"OOF macro-F1 (levels 1..8) {metrics['oof_macro_f1']:.4f}, macro-F1 (0..8) "
                f"{metrics['oof_macro_f1_all']:.4f}, accuracy {metrics['oof_accuracy']:.4f}")
     tags = tracking.client().get_run(parent_run_id).data.tags

@@ -22,7 +22,7 @@ from mlflow.exceptions import MlflowException
 
 from psydef import tracking
 from psydef.calibration.calibrate import calibrate_oof
-from psydef.calibration.study import align_members
+from psydef.calibration.study import align_members, interactive_plots
 from psydef.core.metrics import plot_confusion_matrix
 from psydef.stages.config import TuneConfig
 from psydef.stages.prepare import load_folds
@@ -203,16 +203,18 @@ def _log_artifacts(report, oof: OOFBundle, metrics: dict[str, float]) -> None:
     for member, backbone in zip(spec["members"], oof.backbones):
         member["backbone"] = backbone  # EnsembleSpec.from_dict keeps run_id and weight only
     with tempfile.TemporaryDirectory() as tmp:
-        tmp = Path(tmp)
-        for path in (tracking.HISTORY_PLOT, tracking.IMPORTANCE_PLOT):
-            (tmp / path).parent.mkdir(parents=True, exist_ok=True)
-        report.trials_dataframe().to_csv(tmp / tracking.TRIALS_CSV, index=False)
-        report.search.plot_history(tmp / tracking.HISTORY_PLOT)
-        # Optuna's default PED-ANOVA evaluator: ~2 s for 22,000 trials, so every trial is used.
-        report.search.plot_importances(tmp / tracking.IMPORTANCE_PLOT)
-        rule = "calibrated rule" if report.calibrated else "plain blend"
-        in_sample = report.calibrated_in_sample_f1 if report.calibrated else report.raw_f1
-        plot_confusion_matrix(oof.y, report.spec.decode_logits(oof.logits), tmp / tracking.CONFUSION_PLOT,
-                              title=f"OOF confusion matrix of the {rule} (macro-F1 1..8 = {in_sample:.3f})")
-        mlflow.log_artifacts(str(tmp))
+        report.trials_dataframe().to_csv(Path(tmp) / tracking.TRIALS_CSV, index=False)
+        mlflow.log_artifact(str(Path(tmp) / tracking.TRIALS_CSV))
+    search, rule = report.search, "calibrated rule" if report.calibrated else "plain blend"
+    in_sample = report.calibrated_in_sample_f1 if report.calibrated else report.raw_f1
+    # Optuna's default PED-ANOVA evaluator: ~2 s for 22,000 trials, so every trial is used.
+    figures = {tracking.HISTORY_PLOT: search.plot_history(), tracking.IMPORTANCE_PLOT: search.plot_importances()}
+    if interactive_plots():
+        figures |= {tracking.HISTORY_HTML: search.plot_history(interactive=True),
+                    tracking.IMPORTANCE_HTML: search.plot_importances(interactive=True)}
+    figures[tracking.CONFUSION_PLOT] = plot_confusion_matrix(
+        oof.y, report.spec.decode_logits(oof.logits),
+        title=f"OOF confusion matrix of the {rule} (macro-F1 1..8 = {in_sample:.3f})")
+    for path, figure in figures.items():
+        tracking.log_figure(figure, path)
     mlflow.log_dict(spec, tracking.ENSEMBLE_JSON)  # last: a tune run with ensemble.json is complete
