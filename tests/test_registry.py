@@ -12,7 +12,9 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from psydef import tracking
-from psydef.stages import promote as promote_stage, register as register_stage
+from psydef.stages.config import PromoteConfig, RegisterConfig
+from psydef.stages.promote import run_promote
+from psydef.stages.register import run_register
 from psydef.backbones import load_adapter
 from psydef.calibration.rule import EnsembleSpec, blend, softmax
 from psydef.core.labels import PROB_COLUMNS
@@ -75,18 +77,18 @@ def test_production_alias_predicts_like_direct_decoding(store, champion):
 
 def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     client = MlflowClient()
-    worse = register_stage.register(store.tune.worse)
+    worse = run_register(RegisterConfig(tune_run=store.tune.worse))
     with pytest.raises(ValueError, match=r"oof_macro_f1_estimated 0\.3, below 0\.4 of production version"):
-        promote_stage.promote(worse.version)
+        run_promote(PromoteConfig(version=int(worse.version)))
     assert _production() == champion.version
-    promote_stage.promote(worse.version, force=True)
+    run_promote(PromoteConfig(version=int(worse.version), force=True))
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
-    promote_stage.promote()  # the newest, already production: nothing moves
+    run_promote(PromoteConfig())  # the newest, already production: nothing moves
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
     # the better one wins back production (newest is ``worse``: name the version), with the legacy stage
-    promoted = promote_stage.promote(champion.version, legacy_stage=True)
+    promoted = run_promote(PromoteConfig(version=int(champion.version), legacy_stage=True))
     assert _production() == champion.version and promoted.current_stage == tracking.LEGACY_STAGE
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == worse.version
 
@@ -96,7 +98,7 @@ def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_para
     with mlflow.start_run() as run:
         mlflow.log_params({"version": champion.version, "name": NAME, "force": "false", "legacy_stage": "false"})
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
-    promote_stage.promote(champion.version)
+    run_promote(PromoteConfig(version=int(champion.version)))
     after = mlflow.get_run(run.info.run_id)
     assert after.data.tags[tracking.STAGE] == tracking.PROMOTE
     assert after.data.params["force"] == "false" and after.data.params["promoted_version"] == str(champion.version)
@@ -107,11 +109,11 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     failures = {
         "no alias": (lambda: tracking.resolve_model_uri(f"models:/{NAME}@staging"), "has no alias 'staging'"),
         "no model": (lambda: tracking.resolve_model_uri("models:/no-such-model@production"), "no registered model"),
-        "no version": (lambda: promote_stage.promote(999), "has no version 999"),
-        "not a tune run": (lambda: register_stage.register(store.members[0]), "is not a tune run"),
-        "no ensemble.json": (lambda: register_stage.register(store.tune.no_spec), "has no ensemble.json"),
-        "no adapter": (lambda: register_stage.register(store.tune.broken_member), r"fold 1 of train run .* has no adapter/"),
-        "no member run": (lambda: register_stage.register(store.tune.ghost_member), f"{'0' * 32}' does not exist"),
+        "no version": (lambda: run_promote(PromoteConfig(version=999)), "has no version 999"),
+        "not a tune run": (lambda: run_register(RegisterConfig(tune_run=store.members[0])), "is not a tune run"),
+        "no ensemble.json": (lambda: run_register(RegisterConfig(tune_run=store.tune.no_spec)), "has no ensemble.json"),
+        "no adapter": (lambda: run_register(RegisterConfig(tune_run=store.tune.broken_member)), r"fold 1 of train run .* has no adapter/"),
+        "no member run": (lambda: run_register(RegisterConfig(tune_run=store.tune.ghost_member)), f"{'0' * 32}' does not exist"),
     }
     for what, (call, message) in failures.items():
         with pytest.raises(ValueError, match=message):
@@ -126,7 +128,7 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     monkeypatch.setattr("psydef.backbones.load_adapters", broken_adapters)
     newest = max(int(v.version) for v in versions)
     with pytest.raises(ValueError, match="failed to (load|predict)"):
-        promote_stage.promote(newest, force=True)
+        run_promote(PromoteConfig(version=newest, force=True))
     assert _production() == production
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == len(versions)
 
@@ -189,7 +191,8 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
                                      hyper={"char_ngrams": False, "max_length": 32}), experiment_id=experiment_id)
     tune_id = run_tune(TuneConfig(train_runs=(train_id,), n_trials=20, sampler="random", inner_trials=8),
                        experiment_id=experiment_id)
-    promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
+    version = run_register(RegisterConfig(tune_run=tune_id, name="psydef-e2e"))
+    run_promote(PromoteConfig(version=int(version.version), name="psydef-e2e"))
     result = run_predict(PredictConfig(data_dir=data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path))
 
     assert list(result.predictions["id"]) == mlflow.artifacts.load_dict(tracking.artifact_uri(train_id,

@@ -360,6 +360,9 @@ class MainConfig(Settings):
     def register(self, tune_run: str) -> RegisterConfig:
         return RegisterConfig(tune_run=tune_run, name=self.model_name)
 
+    def promote(self, version: int) -> PromoteConfig:
+        return PromoteConfig(version=version, name=self.model_name)
+
     def predict(self) -> PredictConfig:
         return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,
                              model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION))

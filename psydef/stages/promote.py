@@ -25,22 +25,22 @@ def _gate_metric(version) -> float:
     return float(value)
 
 
-def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME, force: bool = False,
-            legacy_stage: bool = False):
-    """Point the alias ``production`` at ``version`` (default: the newest) once it has loaded and
-    predicted on the built-in example, and unless its gate metric (``tracking.GATE_METRIC``) is below
-    the current champion's (``force`` skips that gate). The replaced champion gets the alias
-    ``previous``; ``legacy_stage`` also moves the version to the deprecated stage ``Production``.
-    Returns the promoted ``ModelVersion``."""
+def run_promote(config: PromoteConfig):
+    """Point the alias ``production`` of model ``config.name`` at ``config.version`` (default: the
+    newest) once it has loaded and predicted on the built-in example, and unless its gate metric
+    (``tracking.GATE_METRIC``) is below the current champion's (``config.force`` skips that gate). The
+    replaced champion gets the alias ``previous``; ``config.legacy_stage`` also moves the version to
+    the deprecated stage ``Production``. Returns the promoted ``ModelVersion``."""
     import mlflow
+
+    version, name, force, legacy_stage = config.version, config.name, config.force, config.legacy_stage
 
     client = tracking.client()
     candidate = tracking.model_version(name, version)
     # MLflow returns version numbers as int here and str there: compare them as str
     number = str(candidate.version)
     with tracking.stage_run(tracking.PROMOTE, f"promote {name} v{number}"):
-        given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage)
-        tracking.log_new_params({**given.params(), "promoted_version": number})
+        tracking.log_new_params({**config.params(), "promoted_version": number})
         # slow, and independent of the champion: before the lease
         tracking.smoke_test(tracking.registered_model_uri(name, version=number))
         with tracking.promotion_lease(name) as lease:

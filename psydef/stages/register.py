@@ -93,10 +93,12 @@ def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int,
             f"{float(tags[tracking.CALIBRATED_F1]):.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
 
 
-def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
-    """Log the ensemble of a tune run as a pyfunc (in a ``register`` run) and register it as a new
-    version of ``name``; returns the ``ModelVersion``."""
+def run_register(config: RegisterConfig):
+    """Log the ensemble of tune run ``config.tune_run`` as a pyfunc (in a ``register`` run) and
+    register it as a new version of ``config.name``; returns the ``ModelVersion``."""
     import mlflow
+
+    tune_run_id, name = config.tune_run, config.name
 
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
@@ -120,7 +122,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         with tracking.stage_run(tracking.REGISTER, f"register {name}", {tracking.V_TUNE_RUN_ID: tune_run_id}) as run:
             from psydef.ensemble import log_ensemble_model
 
-            tracking.log_new_params({**RegisterConfig(tune_run_id, name).params(), "n_members": len(spec.members),
+            tracking.log_new_params({**config.params(), "n_members": len(spec.members),
                                      "n_adapters": sum(map(len, adapter_dirs))})
             info = log_ensemble_model(spec, adapter_dirs)
             try:
