@@ -12,12 +12,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from psydef import tracking
+from psydef.backbones import load_adapter
+from psydef.calibration.rule import EnsembleSpec, blend, softmax
+from psydef.cli import cli
+from psydef.core.labels import PROB_COLUMNS
 from psydef.stages.config import PromoteConfig, RegisterConfig
 from psydef.stages.promote import run_promote
 from psydef.stages.register import run_register
-from psydef.backbones import load_adapter
-from psydef.calibration.rule import EnsembleSpec, blend, softmax
-from psydef.core.labels import PROB_COLUMNS
 from tests.fixtures.records import ensemble_rows
 from tests.fixtures.server import post_json, served_model
 
@@ -149,15 +150,13 @@ def test_bad_rows_get_clear_errors(champion, change, message):
 
 
 def test_predict_writes_the_codabench_files(store, champion, tmp_path):
-    from entrypoints.predict import predict
-
     rows = ensemble_rows(18)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     records = rows[["id", "dialogue_id", "dialogue", "current_text", "label"]].to_dict(orient="records")
     (data_dir / "test.json").write_text(json.dumps(records))
-    result = CliRunner().invoke(predict, ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
-                                          "--tracking-uri", store.uri, "--experiment-name", "registry-test"])
+    result = CliRunner().invoke(cli, ["predict", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
+                                      "--tracking-uri", store.uri, "--experiment-name", "registry-test"])
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "out" / tracking.PREDICTION_JSON).read_text())
     labels, _ = _direct_decode(store.tune.good, rows)
