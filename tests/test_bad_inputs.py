@@ -10,7 +10,7 @@ import pytest
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from entrypoints.cli import cli
+from psydef.cli import cli
 from psydef import tracking
 from tests.fixtures.fake_runs import Store
 

@@ -1,10 +1,14 @@
-"""One source for every default: the MLproject parameters are the fields of the stage configs, with
-the same defaults and matching types; bad settings fail before any data is read or any run is made;
-``psydef --help`` loads neither MLflow nor torch."""
+"""One source for every default: the MLproject entry points are the tracked rows of the table of entry
+points, their parameters the fields of the stage configs, with the same defaults and matching types;
+bad settings fail before any data is read or any run is made; ``psydef --help`` loads neither MLflow
+nor torch; ``entrypoints/`` is not installed."""
 import dataclasses
+import fnmatch
+import importlib
 import re
 import subprocess
 import sys
+import tomllib
 import typing
 from pathlib import Path
 
@@ -13,15 +17,13 @@ import yaml
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from entrypoints.cli import cli
-from psydef.stages import config
+from psydef.cli import ENTRY_POINTS, cli
 from psydef.settings import base_type, option_name
 from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, PromoteConfig, TrainConfig, TuneConfig
 
 REPO = Path(__file__).resolve().parents[1]
-CONFIGS = {"prepare": config.PrepareConfig, "train": config.TrainConfig, "aggregate": config.AggregateConfig,
-           "tune": config.TuneConfig, "register": config.RegisterConfig, "promote": config.PromoteConfig,
-           "predict": config.PredictConfig, "main": config.MainConfig}
+MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
+TRACKED = [name for name, entry in ENTRY_POINTS.items() if entry.tracked]
 
 
 def _mlproject_type(cls, f) -> str:
@@ -32,10 +34,19 @@ def _mlproject_type(cls, f) -> str:
     return {int: "int", float: "float"}.get(kind, "string") if not optional else "string"
 
 
-@pytest.mark.parametrize("entry_point", CONFIGS)
+def test_the_mlproject_entry_points_are_the_tracked_rows_of_the_table():
+    assert sorted(MLPROJECT) == sorted(TRACKED)
+
+
+@pytest.mark.parametrize("name", ENTRY_POINTS)
+def test_every_row_runs_an_existing_function(name):
+    module, function = ENTRY_POINTS[name].function.split(":")
+    assert callable(getattr(importlib.import_module(module), function))
+
+
+@pytest.mark.parametrize("entry_point", TRACKED)
 def test_mlproject_parameters_are_the_config_fields_with_their_defaults(entry_point):
-    project = yaml.safe_load((REPO / "MLproject").read_text())
-    spec, cls = project["entry_points"][entry_point], CONFIGS[entry_point]
+    spec, cls = MLPROJECT[entry_point], ENTRY_POINTS[entry_point].config
     fields = dataclasses.fields(cls)
     assert list(spec["parameters"]) == [f.name for f in fields]
     for f in fields:
@@ -48,7 +59,7 @@ def test_mlproject_parameters_are_the_config_fields_with_their_defaults(entry_po
         assert str(param["default"]) == cls.spell(f.name, default), f.name
         assert cls.parse(f.name, str(param["default"])) == default, f.name
     expected = " ".join(f"{option_name(f.name)} {{{f.name}}}" for f in fields)
-    assert spec["command"] == f"python -m entrypoints.{entry_point} {expected}"
+    assert spec["command"] == f"python -m entrypoints {entry_point} {expected}"
 
 
 def test_main_passes_on_the_defaults_of_the_stages_it_runs():
@@ -123,13 +134,26 @@ def test_bad_settings_in_python_name_the_option():
                                                                                                "epochs": 2}
 
 
-@pytest.mark.parametrize("argv", [["--help"], ["train", "--help"], ["prepare", "--help"], ["predict", "--help"]])
+@pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in ENTRY_POINTS)])
 def test_help_loads_neither_mlflow_nor_torch(argv):
-    code = ("import sys; from entrypoints.cli import cli\n"
-            f"try:\n    cli({argv!r})\nexcept SystemExit:\n    pass\n"
-            "print(sorted(m for m in ('mlflow', 'torch', 'transformers', 'sklearn', 'optuna') if m in sys.modules))")
+    """Through ``python -m entrypoints`` (what MLproject runs); the table itself loads no pandas either
+    (a command's help may: its choices are imported to be listed)."""
+    heavy = ("mlflow", "torch", "transformers", "sklearn", "optuna") + (("pandas",) if argv == ["--help"] else ())
+    code = (f"import runpy, sys; sys.argv = ['entrypoints', *{argv!r}]\n"
+            "try:\n    runpy.run_module('entrypoints', run_name='__main__')\nexcept SystemExit:\n    pass\n"
+            f"print(sorted(m for m in {heavy!r} if m in sys.modules))")
     out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True, check=True).stdout
-    assert out.strip().splitlines()[-1] == "[]", out
+    assert "Usage:" in out and out.strip().splitlines()[-1] == "[]", out
+
+
+def test_the_console_script_is_the_table_and_entrypoints_is_not_installed():
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    module, name = project["project"]["scripts"]["psydef"].split(":")
+    assert getattr(importlib.import_module(module), name) is cli
+    included = project["tool"]["setuptools"]["packages"]["find"]["include"]
+    assert any(fnmatch.fnmatch("psydef.cli", pattern) for pattern in included)
+    assert not any(fnmatch.fnmatch(package, pattern) for package in ("entrypoints", "entrypoints.x")
+                   for pattern in included), included
 
 
 # Every bounded field of every registered backbone, refused by `psydef train --hyper` (and by the
@@ -225,7 +249,7 @@ def test_every_bounded_backbone_field_has_a_bad_value_in_the_table():
         assert bounded <= tried, f"{name}: no bad value tried for {sorted(bounded - tried)}"
 
 
-@pytest.mark.parametrize("cls", [*_registered_backbones().values(), *CONFIGS.values()], ids=lambda c: c.__name__)
+@pytest.mark.parametrize("cls", [*_registered_backbones().values(), *(entry.config for entry in ENTRY_POINTS.values())], ids=lambda c: c.__name__)
 def test_every_field_declares_its_type_and_every_number_its_bounds(cls):
     """Backbone hyper-parameters and stage settings alike: declared with psydef.settings.setting, typed,
     and a number bounded or saying why not, so a new field cannot escape the checks."""

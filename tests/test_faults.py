@@ -2,7 +2,7 @@
 processes killed (SIGKILL, SIGTERM) or silent on another machine.
 
 The store is the registered tiny ensemble of tests/fixtures/stores.py (``registry_store``, ``champion``); the
-killed processes are real ``python -m entrypoints.*`` jobs (tests/fixtures/jobs.py: ``TrainJobs``)."""
+killed processes are real ``python -m entrypoints NAME`` jobs (tests/fixtures/jobs.py: ``TrainJobs``)."""
 import re
 import shutil
 import signal
@@ -19,7 +19,7 @@ from click.testing import CliRunner
 from mlflow import MlflowClient
 from mlflow.entities import LoggedModelStatus
 
-from entrypoints.cli import cli
+from psydef.cli import cli
 from psydef import tracking
 from psydef.backbones.minilm import VOCAB_FILE, WEIGHTS_FILE
 from tests.fixtures.jobs import REPO, TrainJobs
@@ -108,7 +108,7 @@ def test_predict_names_a_model_that_fails_to_load(store, data_dir, tmp_path):
 # ---- 4. an unreachable tracking server -----------------------------------------------------------
 def test_an_unreachable_tracking_server_is_one_line(data_dir, tmp_path):
     uri = f"http://127.0.0.1:{free_port()}"  # nothing listens there
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "entrypoints", "prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
                           env=clean_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr
@@ -150,7 +150,7 @@ def _next_stage(data_dir):
 
 def _tune_job(jobs, store, name):
     members = ",".join(store.tune_members)
-    return jobs.start("entrypoints.tune", "--train-runs", members, "--n-trials", "100000000", "--sampler", "random",
+    return jobs.start("tune", "--train-runs", members, "--n-trials", "100000000", "--sampler", "random",
                       "--inner-trials", "2", experiment=store.experiment, name=name)
 
 
@@ -174,7 +174,7 @@ def test_a_killed_tune_is_marked_failed_by_the_next_stage(store, jobs, data_dir,
 def test_a_killed_register_is_marked_failed_and_creates_no_version(store, jobs, data_dir, moment):
     known = {r.info.run_id for r in _stage_runs(store, tracking.REGISTER)}
     before = _versions()
-    proc = jobs.start("entrypoints.register", "--tune-run", store.tune.good, experiment=store.experiment,
+    proc = jobs.start("register", "--tune-run", store.tune.good, experiment=store.experiment,
                       name=f"register-{moment}")
     run = jobs.poll_until(lambda: _running_with_heartbeat(store, tracking.REGISTER, known),
                           what="a RUNNING register run", alive=proc, interval=0.05)

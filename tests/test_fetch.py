@@ -48,3 +48,18 @@ def test_not_cached_offline_says_what_to_do(tmp_path):
     assert str((tmp_path / "data").resolve()) in message and "by hand" in message
     assert "CC BY-NC 4.0" in message
     assert not (tmp_path / "data").exists()
+
+
+def test_the_fetch_data_command_prints_where_the_splits_went_and_fails_in_one_line(tmp_path, monkeypatch):
+    from click.testing import CliRunner
+
+    from psydef.cli import cli
+
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "cache"))
+    missing = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "data")])
+    assert missing.exit_code == 1 and missing.output.startswith("Error: Cannot fetch Splits/train.json")
+    assert len(missing.output.strip().splitlines()) == 1, missing.output
+    build_cache(tmp_path / "cache")
+    result = CliRunner().invoke(cli, ["fetch-data", "--dest", str(tmp_path / "data"), "--revision", COMMIT])
+    assert result.exit_code == 0, result.output
+    assert result.output.splitlines() == [f"{split}: {tmp_path / 'data' / f'{split}.json'}" for split in SPLITS]

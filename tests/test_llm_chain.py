@@ -55,15 +55,15 @@ def _loads_during(monkeypatch, module, name: str, calls: list, counts: dict) -> 
 
 def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tracking_uri, tmp_path, monkeypatch,
                                             count_base_loads):
-    from entrypoints.main import main
+    from psydef.cli import cli
     from psydef.stages import pipeline
 
     counts = {}
-    for stage in ("register", "promote", "run_predict"):
+    for stage in ("run_register", "run_promote", "run_predict"):
         _loads_during(monkeypatch, pipeline, stage, count_base_loads, counts)
     out = tmp_path / "out"
-    result = CliRunner().invoke(main, [
-        "--data-dir", str(small_data_dir), "--seeds", ",".join(map(str, SEEDS)), "--backbone", "qwen3-8b-qlora",
+    result = CliRunner().invoke(cli, [
+        "main", "--data-dir", str(small_data_dir), "--seeds", ",".join(map(str, SEEDS)), "--backbone", "qwen3-8b-qlora",
         "--model", str(tiny_qwen3_dir), "--hyper", ",".join(f"{k}={json.dumps(v)}" for k, v in HYPER.items()),
         "--n-trials", "30", "--inner-trials", "10", "--sampler", "random", "--out-dir", str(out)])
     assert result.exit_code == 0, f"{result.output[-5000:]}\n{result.exception!r}"
@@ -72,7 +72,7 @@ def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tra
     n_folds = 5
     print(f"base-model loads: {len(count_base_loads)} in all; by stage {counts}")
     assert len(count_base_loads) == len(SEEDS) * n_folds + sum(counts.values())
-    assert counts["register"] <= 1 and counts["promote"] == 1 and counts["run_predict"] == 1, counts
+    assert counts["run_register"] <= 1 and counts["run_promote"] == 1 and counts["run_predict"] == 1, counts
     version = mlflow.MlflowClient().get_model_version_by_alias(tracking.MODEL_NAME, tracking.PRODUCTION)
     assert version.tags[tracking.V_BACKBONE] == "qwen3-8b-qlora"
     assert len(version.tags[tracking.V_TRAIN_RUN_IDS].split(",")) == len(SEEDS)

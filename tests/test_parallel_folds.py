@@ -7,7 +7,7 @@ import mlflow
 from click.testing import CliRunner
 from mlflow import MlflowClient
 
-from entrypoints.aggregate import aggregate
+from psydef.cli import cli
 from psydef import tracking
 from tests.fixtures.jobs import assert_same_aggregate, fold_runs_of, train_parents
 
@@ -49,7 +49,7 @@ def test_folds_as_parallel_jobs_aggregate_like_the_sequential_run_and_reaggregat
     assert_same_aggregate(parent_id, sequential.info.run_id)
 
     # Aggregating again, twice at once (two jobs finishing together do the same), changes nothing.
-    again = [train_jobs.start("entrypoints.aggregate", "--parent-run-id", parent_id, "--data-dir", str(data_dir),
+    again = [train_jobs.start("aggregate", "--parent-run-id", parent_id, "--data-dir", str(data_dir),
                               name=f"aggregate-{i}") for i in range(2)]
     train_jobs.wait(*again, timeout=180)
     assert mlflow.get_run(parent_id).info.status == "FINISHED"
@@ -67,7 +67,7 @@ def test_folds_as_parallel_jobs_aggregate_like_the_sequential_run_and_reaggregat
                 train_jobs.prepare_run_id: f"run {train_jobs.prepare_run_id} is not a train run",
                 "0" * 32: f"train run '{'0' * 32}' does not exist"}
     for run_id, message in refusals.items():
-        result = CliRunner().invoke(aggregate, ["--parent-run-id", run_id, "--data-dir", str(data_dir)])
+        result = CliRunner().invoke(cli, ["aggregate", "--parent-run-id", run_id, "--data-dir", str(data_dir)])
         assert result.exit_code == 1 and isinstance(result.exception, SystemExit), result.output
         assert re.search(message, result.output), result.output
     assert client.get_run(incomplete).info.status == "RUNNING"  # a refused aggregation ends nothing

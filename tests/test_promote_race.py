@@ -65,7 +65,7 @@ def test_concurrent_promotes_end_in_a_serial_order(server, tmp_path, round_):
     procs = {}
     for version in SCORES:
         log = (tmp_path / f"promote-{version}.log").open("w")
-        procs[version] = subprocess.Popen([sys.executable, "-m", "entrypoints.promote", "--version", str(version)],
+        procs[version] = subprocess.Popen([sys.executable, "-m", "entrypoints", "promote", "--version", str(version)],
                                           cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT)
         log.close()
     outcomes, logs = {}, {}

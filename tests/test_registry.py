@@ -12,11 +12,13 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException
 
 from psydef import tracking
-from psydef.stages import promote as promote_stage, register as register_stage
 from psydef.backbones import load_adapter
 from psydef.calibration.rule import EnsembleSpec, blend, softmax
+from psydef.cli import cli
 from psydef.core.labels import PROB_COLUMNS
-from psydef.stages.promote import PromotionRefused
+from psydef.stages.config import PromoteConfig, RegisterConfig
+from psydef.stages.promote import PromotionRefused, run_promote
+from psydef.stages.register import run_register
 from tests.fixtures.records import ensemble_rows
 from tests.fixtures.server import post_json, served_model
 from tests.fixtures.stores import tune_metrics
@@ -84,19 +86,19 @@ def test_production_alias_predicts_like_direct_decoding(store, champion):
 
 def test_gate_refuses_a_worse_challenger_unless_forced(store, champion):
     client = MlflowClient()
-    worse = register_stage.register(store.tune.worse)
+    worse = run_register(RegisterConfig(tune_run=store.tune.worse))
     with pytest.raises(PromotionRefused, match=r"oof_macro_f1_estimated 0\.3 against 0\.4 of production version "
                                                r"1: a gain of -0\.1, where at least 0\.01 \(min_gain\) is needed"):
-        promote_stage.promote(worse.version)
+        run_promote(PromoteConfig(version=int(worse.version)))
     assert _production() == champion.version
-    promote_stage.promote(worse.version, force=True)
+    run_promote(PromoteConfig(version=int(worse.version), force=True))
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
-    promote_stage.promote()  # the newest, already production: nothing moves
+    run_promote(PromoteConfig())  # the newest, already production: nothing moves
     assert _production() == worse.version
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == champion.version
     # the better one wins back production (newest is ``worse``: name the version), with the legacy stage
-    promoted = promote_stage.promote(champion.version, legacy_stage=True)
+    promoted = run_promote(PromoteConfig(version=int(champion.version), legacy_stage=True))
     assert _production() == champion.version and promoted.current_stage == tracking.LEGACY_STAGE
     assert client.get_model_version_by_alias(NAME, tracking.PREVIOUS).version == worse.version
 
@@ -112,25 +114,25 @@ def _old_style_version(champion, **tags):
 def test_a_challenger_must_beat_the_champion_by_min_gain(store, champion):
     client = MlflowClient()
     assert _production() == champion.version  # 0.4
-    close = register_stage.register(store.tune.close)  # 0.405 on its logged model
+    close = run_register(RegisterConfig(tune_run=store.tune.close))  # 0.405 on its logged model
     client.set_model_version_tag(NAME, close.version, tracking.GATE_METRIC, "0.9")  # a stray tag: the metric counts
     with pytest.raises(PromotionRefused, match=r"0\.405 against 0\.4 of production version 1: a gain of \+0\.005, "
                                                r"where at least 0\.01 \(min_gain\) is needed.*--force.*--min-gain"):
-        promote_stage.promote(close.version)  # the default margin
+        run_promote(PromoteConfig(version=int(close.version)))  # the default margin
     assert _production() == champion.version
     equal = _old_style_version(champion, **{tracking.GATE_METRIC: "0.4"})
     with pytest.raises(PromotionRefused, match=r"a gain of \+0, where more than 0 \(min_gain\) is needed"):
-        promote_stage.promote(equal.version, min_gain=0)  # an equal score never replaces the champion
-    promote_stage.promote(close.version, min_gain=0.005)  # exactly the margin
+        run_promote(PromoteConfig(version=int(equal.version), min_gain=0))  # an equal score never replaces the champion
+    run_promote(PromoteConfig(version=int(close.version), min_gain=0.005))  # exactly the margin
     assert _production() == close.version
     better = _old_style_version(champion, **{tracking.GATE_METRIC: "0.42"})  # gated by its tag
-    promote_stage.promote(better.version)  # 0.015 above 0.405
+    run_promote(PromoteConfig(version=int(better.version)))  # 0.015 above 0.405
     assert _production() == better.version
     with pytest.raises(ValueError, match=r"has no oof_macro_f1_estimated \(neither on its logged model nor as a tag"):
-        promote_stage.promote(_old_style_version(champion).version)
-    promote_stage.promote(equal.version, force=True)  # below the champion: force promotes it anyway
+        run_promote(PromoteConfig(version=int(_old_style_version(champion).version)))
+    run_promote(PromoteConfig(version=int(equal.version), force=True))  # below the champion: force promotes it anyway
     assert _production() == equal.version
-    promote_stage.promote(champion.version, force=True)
+    run_promote(PromoteConfig(version=int(champion.version), force=True))
     assert _production() == champion.version
 
 
@@ -139,7 +141,7 @@ def test_promote_takes_over_the_run_of_mlflow_run_without_clashing_with_its_para
     with mlflow.start_run() as run:
         mlflow.log_params({"version": champion.version, "name": NAME, "force": "false", "legacy_stage": "false"})
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
-    promote_stage.promote(champion.version)
+    run_promote(PromoteConfig(version=int(champion.version)))
     after = mlflow.get_run(run.info.run_id)
     assert after.data.tags[tracking.STAGE] == tracking.PROMOTE
     assert after.data.params["force"] == "false" and after.data.params["promoted_version"] == str(champion.version)
@@ -150,11 +152,11 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     failures = {
         "no alias": (lambda: tracking.resolve_model_uri(f"models:/{NAME}@staging"), "has no alias 'staging'"),
         "no model": (lambda: tracking.resolve_model_uri("models:/no-such-model@production"), "no registered model"),
-        "no version": (lambda: promote_stage.promote(999), "has no version 999"),
-        "not a tune run": (lambda: register_stage.register(store.members[0]), "is not a tune run"),
-        "no ensemble.json": (lambda: register_stage.register(store.tune.no_spec), "has no ensemble.json"),
-        "no adapter": (lambda: register_stage.register(store.tune.broken_member), r"fold 1 of train run .* has no adapter/"),
-        "no member run": (lambda: register_stage.register(store.tune.ghost_member), f"{'0' * 32}' does not exist"),
+        "no version": (lambda: run_promote(PromoteConfig(version=999)), "has no version 999"),
+        "not a tune run": (lambda: run_register(RegisterConfig(tune_run=store.members[0])), "is not a tune run"),
+        "no ensemble.json": (lambda: run_register(RegisterConfig(tune_run=store.tune.no_spec)), "has no ensemble.json"),
+        "no adapter": (lambda: run_register(RegisterConfig(tune_run=store.tune.broken_member)), r"fold 1 of train run .* has no adapter/"),
+        "no member run": (lambda: run_register(RegisterConfig(tune_run=store.tune.ghost_member)), f"{'0' * 32}' does not exist"),
     }
     for what, (call, message) in failures.items():
         with pytest.raises(ValueError, match=message):
@@ -169,7 +171,7 @@ def test_failures_leave_production_alone(store, champion, monkeypatch):
     monkeypatch.setattr("psydef.backbones.load_adapters", broken_adapters)
     newest = max(int(v.version) for v in versions)
     with pytest.raises(ValueError, match="failed to (load|predict)"):
-        promote_stage.promote(newest, force=True)
+        run_promote(PromoteConfig(version=newest, force=True))
     assert _production() == production
     assert len(MlflowClient().search_model_versions(f"name = '{NAME}'")) == len(versions)
 
@@ -190,15 +192,13 @@ def test_bad_rows_get_clear_errors(champion, change, message):
 
 
 def test_predict_writes_the_codabench_files(store, champion, tmp_path):
-    from entrypoints.predict import predict
-
     rows = ensemble_rows(18)
     data_dir = tmp_path / "data"
     data_dir.mkdir()
     records = rows[["id", "dialogue_id", "dialogue", "current_text", "label"]].to_dict(orient="records")
     (data_dir / "test.json").write_text(json.dumps(records))
-    result = CliRunner().invoke(predict, ["--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
-                                          "--tracking-uri", store.uri, "--experiment-name", "registry-test"])
+    result = CliRunner().invoke(cli, ["predict", "--data-dir", str(data_dir), "--out-dir", str(tmp_path / "out"),
+                                      "--tracking-uri", store.uri, "--experiment-name", "registry-test"])
     assert result.exit_code == 0, result.output
     written = json.loads((tmp_path / "out" / tracking.PREDICTION_JSON).read_text())
     labels, _ = _direct_decode(store.tune.good, rows)
@@ -232,7 +232,8 @@ def test_the_stages_chain_into_a_model_that_reproduces_the_train_runs_test_proba
                                      hyper={"char_ngrams": False, "max_length": 32}), experiment_id=experiment_id)
     tune_id = run_tune(TuneConfig(train_runs=(train_id,), n_trials=20, sampler="random", inner_trials=8),
                        experiment_id=experiment_id)
-    promote_stage.promote(register_stage.register(tune_id, name="psydef-e2e").version, name="psydef-e2e")
+    version = run_register(RegisterConfig(tune_run=tune_id, name="psydef-e2e"))
+    run_promote(PromoteConfig(version=int(version.version), name="psydef-e2e"))
     result = run_predict(PredictConfig(data_dir=data_dir, model_uri="models:/psydef-e2e@production", out_dir=tmp_path))
 
     assert list(result.predictions["id"]) == mlflow.artifacts.load_dict(tracking.artifact_uri(train_id,

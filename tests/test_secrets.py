@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from click.testing import CliRunner
 
-from entrypoints.cli import cli
+from psydef.cli import cli
 from psydef import tracking
 from tests.fixtures.fake_runs import Store
 from tests.fixtures.server import REPO, START_SERVER, clean_env, free_port, mlflow_server, postgres_cluster
@@ -110,7 +110,7 @@ def test_a_tracking_server_login_in_the_uri_is_never_printed_nor_logged(data_dir
     workdir.mkdir()
     with mlflow_server(f"sqlite:///{tmp_path}/server.db", workdir) as (uri, _, _):
         with_login = uri.replace("http://", f"http://alice:{SECRET.replace('/', '%2F').replace('?', '%3F')}@")
-        proc = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
+        proc = subprocess.run([sys.executable, "-m", "entrypoints", "prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
                               env=clean_env() | {"MLFLOW_TRACKING_URI": with_login, "PYTHONPATH": str(REPO)},
                               capture_output=True, text=True, timeout=300)
         output = proc.stdout + proc.stderr
@@ -151,7 +151,7 @@ def test_a_password_that_mlflow_run_logged_from_p_is_warned_about(tracking_uri, 
 def test_an_unreachable_postgresql_tracking_store_is_one_line(data_dir, tmp_path):
     port = free_port()
     uri = f"postgresql+psycopg2://psydef:{SECRET}@127.0.0.1:{port}/mlflow"  # nothing listens there
-    proc = subprocess.run([sys.executable, "-m", "entrypoints.prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
+    proc = subprocess.run([sys.executable, "-m", "entrypoints", "prepare", "--data-dir", str(data_dir)], cwd=tmp_path,
                           env=clean_env() | {"MLFLOW_TRACKING_URI": uri, "PYTHONPATH": str(REPO)},
                           capture_output=True, text=True, timeout=120)
     assert proc.returncode == 1, proc.stdout + proc.stderr

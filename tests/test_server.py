@@ -46,7 +46,7 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
     with mlflow_server(store_uri, workdir) as (uri, proc, server_log):
         env = clean_env() | {"MLFLOW_TRACKING_URI": uri, "MLFLOW_EXPERIMENT_NAME": tracking.DEFAULT_EXPERIMENT,
                               "PYTHONPATH": os.pathsep.join(filter(None, [str(REPO), os.environ.get("PYTHONPATH")]))}
-        chain = subprocess.run([sys.executable, "-m", "entrypoints.main", "--data-dir", str(data_dir),
+        chain = subprocess.run([sys.executable, "-m", "entrypoints", "main", "--data-dir", str(data_dir),
                                 "--out-dir", str(out_dir), *CHAIN_ARGS],
                                cwd=chain_dir, env=env, capture_output=True, text=True, timeout=CHAIN_TIMEOUT)
         output = chain.stdout + chain.stderr

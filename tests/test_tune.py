@@ -188,7 +188,7 @@ def test_two_tune_processes_share_one_study(store):
     members = ",".join([store.train(prep, 1), store.train(prep, 2)])
     storage = str(store.tmp_path / "optuna.journal")  # SQLite is tested above and costs ~70 ms a trial here
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    procs = [subprocess.Popen([sys.executable, "-m", "entrypoints.tune", "--train-runs", members, "--n-trials", "64",
+    procs = [subprocess.Popen([sys.executable, "-m", "entrypoints", "tune", "--train-runs", members, "--n-trials", "64",
                                "--sampler", "tpe", "--seed", str(seed), "--storage", storage, "--inner-trials", "8"],
                               cwd=REPO, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
              for seed in (1, 2)]

@@ -75,10 +75,10 @@ def _after(nodes: list[str], label: str, n: int) -> list[str]:
 @pytest.fixture
 def small_chain(data_dir, tracking_uri):
     """The stages one by one (no pipeline parent, so the train runs are top-level rows)."""
-    from psydef.stages.config import PrepareConfig, TrainConfig, TuneConfig
+    from psydef.stages.config import PrepareConfig, PromoteConfig, RegisterConfig, TrainConfig, TuneConfig
     from psydef.stages.prepare import run_prepare
-    from psydef.stages.promote import promote
-    from psydef.stages.register import register
+    from psydef.stages.promote import run_promote
+    from psydef.stages.register import run_register
     from psydef.stages.train import run_train
     from psydef.stages.tune import run_tune
 
@@ -89,8 +89,8 @@ def small_chain(data_dir, tracking_uri):
                   for seed, turns in CONTEXT_TURNS.items()]
     tune_run = run_tune(TuneConfig(train_runs=tuple(train_runs), n_trials=30, sampler="random", inner_trials=10),
                         experiment_id=experiment_id)
-    version = register(tune_run)
-    promote(version.version)
+    version = run_register(RegisterConfig(tune_run=tune_run))
+    run_promote(PromoteConfig(version=int(version.version)))
     return tracking_uri, train_runs, version.version
 
 

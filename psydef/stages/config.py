@@ -1,8 +1,8 @@
 """Every stage's settings: one frozen dataclass per stage, the only source of their defaults.
 
 A field's metadata holds its help text, its bounds and its choices (:mod:`psydef.settings`); the
-click options of ``entrypoints/`` are generated from the fields, the MLproject parameters must
-match them (tests/test_config.py), and each stage logs :meth:`Settings.params` as its run's params.
+click options of ``psydef`` (:mod:`psydef.cli`) are generated from the fields, the MLproject parameters
+must match them (tests/test_config.py), and each stage logs :meth:`Settings.params` as its run's params.
 Construction checks every value (type, bounds, choices, backbone hyper-parameters), so a bad
 setting fails here, before any data is read or any run is created, with the option's name.
 
@@ -25,6 +25,13 @@ def _like(config: type, name: str, **changes):
     f = {f.name: f for f in dataclasses.fields(config)}[name]
     default = f.default_factory() if f.default_factory is not dataclasses.MISSING else f.default
     return setting(changes.pop("default", default), **{**f.metadata, **changes})
+
+
+@dataclass(frozen=True)
+class FetchConfig(Settings):
+    """``fetch-data``: downloads the splits; opens no run, so it is not an MLproject entry point."""
+    dest: Path = setting(DATA_DIR, "Where train.json and test.json go.")
+    revision: str | None = setting(None, "A branch, tag or commit of AIMH/PsyDefConv.")
 
 
 @dataclass(frozen=True)
@@ -175,6 +182,9 @@ class MainConfig(Settings):
 
     def register(self, tune_run: str) -> RegisterConfig:
         return RegisterConfig(tune_run=tune_run, name=self.model_name)
+
+    def promote(self, version: int) -> PromoteConfig:
+        return PromoteConfig(version=version, name=self.model_name)
 
     def predict(self) -> PredictConfig:
         return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,

@@ -9,8 +9,8 @@ from psydef.core.files import writable_folder
 from psydef.stages.config import MainConfig
 from psydef.stages.predict import Predicted, run_predict
 from psydef.stages.prepare import run_prepare
-from psydef.stages.promote import PromotionRefused, promote
-from psydef.stages.register import register
+from psydef.stages.promote import PromotionRefused, run_promote
+from psydef.stages.register import run_register
 from psydef.stages.train import run_train
 from psydef.stages.tune import run_tune
 
@@ -31,9 +31,9 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
         train_runs = [run_train(config.train(seed, prepared.run_id), experiment_id=experiment_id, prepared=prepared)
                       for seed in seeds]
         tune_run = run_tune(config.tune(train_runs), experiment_id=experiment_id)
-        version = register(tune_run, name=model_name)
+        version = run_register(config.register(tune_run))
         try:
-            promote(version.version, name=model_name, min_gain=config.min_gain)
+            run_promote(config.promote(int(version.version)))
             promoted = "became production"
         except PromotionRefused as refused:
             print(f"main: {refused}; predicting with the current production model")

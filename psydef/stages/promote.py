@@ -34,25 +34,26 @@ def beats(challenger: float, champion: float, min_gain: float) -> bool:
     return challenger > champion and round(challenger - champion, 9) >= min_gain
 
 
-def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME, force: bool = False,
-            legacy_stage: bool = False, min_gain: float = PromoteConfig.min_gain):
-    """Point the alias ``production`` at ``version`` (default: the newest) once it has loaded and
-    predicted on the built-in example, and only if its gate metric (``tracking.GATE_METRIC``) beats
-    the current champion's by at least ``min_gain`` (:func:`beats`; ``force`` skips that gate). The
-    replaced champion gets the alias ``previous``; ``legacy_stage`` also moves the version to the
-    deprecated stage ``Production``. Returns the promoted ``ModelVersion``."""
+def run_promote(config: PromoteConfig):
+    """Point the alias ``production`` of model ``config.name`` at ``config.version`` (default: the
+    newest) once it has loaded and predicted on the built-in example, and only if its gate metric
+    (``tracking.GATE_METRIC``) beats the current champion's by at least ``config.min_gain``
+    (:func:`beats`; ``config.force`` skips that gate). The replaced champion gets the alias
+    ``previous``; ``config.legacy_stage`` also moves the version to the deprecated stage
+    ``Production``. Returns the promoted ``ModelVersion``."""
     import mlflow
 
     from psydef.core.data import InputLimits
 
+    version, name, force, legacy_stage = config.version, config.name, config.force, config.legacy_stage
+    min_gain = config.min_gain
     InputLimits.from_env()  # the limits the smoke test's model loads with: a bad one is the setting's fault
     client = tracking.client()
     candidate = tracking.model_version(name, version)
     # MLflow returns version numbers as int here and str there: compare them as str
     number = str(candidate.version)
     with tracking.stage_run(tracking.PROMOTE, f"promote {name} v{number}"):
-        given = PromoteConfig(None if version is None else int(version), name, force, legacy_stage, min_gain)
-        tracking.log_new_params({**given.params(), "promoted_version": number})
+        tracking.log_new_params({**config.params(), "promoted_version": number})
         # slow, and independent of the champion: before the lease
         tracking.smoke_test(tracking.registered_model_uri(name, version=number))
         with tracking.promotion_lease(name) as lease:
@@ -64,8 +65,8 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
                 new, old = _gate_metric(candidate), _gate_metric(client.get_model_version(name, champion))
                 mlflow.log_metrics({f"challenger_{tracking.GATE_METRIC}": new,
                                     f"champion_{tracking.GATE_METRIC}": old})
-                if not beats(new, old, given.min_gain):
-                    needed = f"at least {given.min_gain:g}" if given.min_gain > 0 else "more than 0"
+                if not beats(new, old, min_gain):
+                    needed = f"at least {min_gain:g}" if min_gain > 0 else "more than 0"
                     refused = PromotionRefused(
                         f"version {number} has {tracking.GATE_METRIC} {new:.6g} against {old:.6g} of production version "
                         f"{champion}: a gain of {new - old:+.6g}, where {needed} (min_gain) is needed: not promoted "
@@ -90,7 +91,7 @@ def promote(version: str | int | None = None, *, name: str = tracking.MODEL_NAME
                    + ("" if moves else " already"))
         tracking.describe(f"Version {number} of {name} {outcome}: it loaded and predicted on the built-in example"
                           + ("" if force or not champion or not moves else
-                             f", and its {tracking.GATE_METRIC} beats the champion's by at least {given.min_gain:g}")
+                             f", and its {tracking.GATE_METRIC} beats the champion's by at least {min_gain:g}")
                           + ".")
     print(f"promote: {name} version {number} {outcome}")
     return client.get_model_version(name, number)

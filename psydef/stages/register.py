@@ -108,13 +108,14 @@ def _description(spec: EnsembleSpec, members: list, tags: dict, metrics: dict, n
             f"{metrics[tracking.CALIBRATED_F1]:.4f}. Data digest {tags[tracking.V_DATA_DIGEST]}.")
 
 
-def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
-    """Log the ensemble of a tune run as a pyfunc (in a ``register`` run) and register it as a new
-    version of ``name``; returns the ``ModelVersion``."""
+def run_register(config: RegisterConfig):
+    """Log the ensemble of tune run ``config.tune_run`` as a pyfunc (in a ``register`` run) and
+    register it as a new version of ``config.name``; returns the ``ModelVersion``."""
     import mlflow
 
     from psydef.core.data import InputLimits
 
+    tune_run_id, name = config.tune_run, config.name
     InputLimits.from_env()  # the limits the smoke test's model loads with: a bad one is the setting's fault
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
@@ -137,7 +138,7 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
         with tracking.stage_run(tracking.REGISTER, f"register {name}", {tracking.V_TUNE_RUN_ID: tune_run_id}) as run:
             from psydef.ensemble import log_ensemble_model
 
-            tracking.log_new_params({**RegisterConfig(tune_run_id, name).params(), "n_members": len(spec.members),
+            tracking.log_new_params({**config.params(), "n_members": len(spec.members),
                                      "n_adapters": sum(map(len, adapter_dirs))})
             info = log_ensemble_model(spec, adapter_dirs)
             try:

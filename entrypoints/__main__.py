@@ -1,0 +1,3 @@
+from psydef.cli import cli
+
+cli()
