@@ -96,8 +96,6 @@ def _description(spec: EnsembleSpec, members: list, tags: dict, n_adapters: int,
 def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
     """Log the ensemble of a tune run as a pyfunc (in a ``register`` run) and register it as a new
     version of ``name``; returns the ``ModelVersion``."""
-    import mlflow
-
     tune = tracking.get_run(tune_run_id, tracking.TUNE)
     spec = _load_spec(tune_run_id)
     missing = [m for m in (tracking.ESTIMATED_F1, tracking.CALIBRATED_F1) if m not in tune.data.metrics]
@@ -131,11 +129,10 @@ def register(tune_run_id: str, *, name: str = tracking.MODEL_NAME):
                 tracking.client().finalize_logged_model(info.model_id, LoggedModelStatus.FAILED)
                 raise ValueError(f"register: no version created: {err}; at fault: "
                                  f"{_diagnose(adapter_dirs, members, folds_of)}") from err
-            version = mlflow.register_model(info.model_uri, name, tags=tags)
             choice = tune.data.tags.get(tracking.CALIBRATION) or (
                 tracking.CALIBRATED if any(spec.delta) or spec.tau7 is not None else tracking.PLAIN)
             text = _description(spec, members, tags, sum(map(len, adapter_dirs)), choice)
-            tracking.describe_version(name, version.version, text)
+            version = tracking.create_version(name, info, tags=tags, description=text)
             tracking.describe(f"Version {version.version} of {name}: {text}")
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
           f"({tracking.ESTIMATED_F1} {tags[tracking.ESTIMATED_F1]}); register run {run.info.run_id}")
