@@ -114,12 +114,13 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
         found = mlflow.set_experiment(experiment_id=mlflow.get_run(active_run_id).info.experiment_id)
     else:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        root = sqlite_artifact_root(uri)
-        if root is not None and mlflow.get_experiment_by_name(name) is None:
+        # Created here, not by mlflow.set_experiment: when another process creates it at the same moment,
+        # set_experiment returns it without making it the active experiment (the runs would land elsewhere).
+        if mlflow.get_experiment_by_name(name) is None:
             from mlflow.exceptions import MlflowException
 
             try:
-                mlflow.create_experiment(name, artifact_location=root)
+                mlflow.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
             except MlflowException as err:  # another process created it first
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise

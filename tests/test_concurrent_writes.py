@@ -144,6 +144,7 @@ def tracking_digest(data_dir) -> str:
     return dataset_digest(read_split(data_dir / "test.json", labelled=False))
 
 
+@pytest.mark.parametrize("store", ["sqlite server"], indirect=True)  # the README's store; the others: above
 def test_fold_jobs_of_a_new_parent_as_command_lines(store, shared_prepare, tmp_path):
     """The README's recipe: a new parent, then one ``psydef train --fold k`` job per fold, all at once
     (behind a barrier once imported); the job completing the last fold ends the parent FINISHED."""
