@@ -786,7 +786,8 @@ class PromotionLease:
                 if self.held():
                     return self
             except MlflowException as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                # taken; or taken and released already: the store reads the holder back for its message
+                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             current = self._read()
             ended = None if current is None else _lease_ended(current.tags)
