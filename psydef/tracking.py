@@ -361,7 +361,7 @@ def tolerate_concurrent_write(write, stored, wanted: dict, *, what: str) -> None
         try:
             write()
             return
-        except Exception as err:  # noqa: BLE001 - only the unique-key violation is handled
+        except Exception as err:  # only the unique-key violation is handled below
             if not is_unique_violation(err) or attempt == WRITE_ATTEMPTS - 1:
                 raise
         now = stored()

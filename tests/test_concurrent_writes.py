@@ -6,11 +6,12 @@ SQLite and over PostgreSQL, and directly on SQLite. A differing concurrent value
 from __future__ import annotations
 
 import multiprocessing
-import os
 import queue
+import socket
 import subprocess
 import sys
 import time
+from contextlib import nullcontext
 
 import mlflow
 import pytest
@@ -18,7 +19,7 @@ from mlflow import MlflowClient
 from mlflow.exceptions import MlflowException, RestException
 
 from psydef import tracking
-from tests.fixtures.concurrency import racing_writer
+from tests.fixtures.concurrency import free_pid, racing_writer
 from tests.fixtures.jobs import JOB_HYPER
 from tests.fixtures.server import REPO, clean_env, mlflow_server, postgres_cluster, tail
 
@@ -40,24 +41,12 @@ def store(request, tmp_path_factory):
             mp.setenv("MLFLOW_TRACKING_URI", uri)
             yield uri, None
         else:
-            with (postgres_cluster() if request.param.startswith("postgresql")
-                  else _nullcontext(f"sqlite:///{workdir}/server.db")) as backend:
-                backend = backend[0] if isinstance(backend, tuple) else backend
-                with mlflow_server(backend, workdir) as (uri, _, log):
-                    mp.setenv("MLFLOW_TRACKING_URI", uri)
-                    yield uri, log
+            backend = (postgres_cluster() if request.param.startswith("postgresql")
+                       else nullcontext((f"sqlite:///{workdir}/server.db", None)))
+            with backend as (backend_uri, _), mlflow_server(backend_uri, workdir) as (uri, _, log):
+                mp.setenv("MLFLOW_TRACKING_URI", uri)
+                yield uri, log
     mlflow.set_tracking_uri(before)
-
-
-class _nullcontext:
-    def __init__(self, value):
-        self.value = value
-
-    def __enter__(self):
-        return self.value
-
-    def __exit__(self, *exc):
-        return False
 
 
 @pytest.fixture(scope="module")
@@ -80,18 +69,11 @@ def shared_prepare(store, tmp_path_factory):
 
 def _dead_run(experiment_id: str) -> str:
     """A RUNNING stage run whose process is gone: this machine's namespace, a pid that does not exist."""
+    pid = free_pid()
     tags = {tracking.STAGE: tracking.TUNE, tracking.HEARTBEAT: str(int(time.time())),
-            tracking.HEARTBEAT_PID: str(_free_pid()), tracking.HEARTBEAT_HOST: __import__("socket").gethostname(),
-            tracking.HEARTBEAT_PROCESS: tracking.process_identity(_free_pid())}
+            tracking.HEARTBEAT_PID: str(pid), tracking.HEARTBEAT_HOST: socket.gethostname(),
+            tracking.HEARTBEAT_PROCESS: tracking.process_identity(pid)}
     return MlflowClient().create_run(experiment_id, tags=tags).info.run_id
-
-
-def _free_pid() -> int:
-    """A pid no process has here now."""
-    pid = 4_000_000
-    while os.path.exists(f"/proc/{pid}"):
-        pid -= 1
-    return pid
 
 
 def test_concurrent_stages_and_fold_jobs_make_the_same_writes_without_crashing(store, shared_prepare, request):
@@ -128,7 +110,7 @@ def test_concurrent_stages_and_fold_jobs_make_the_same_writes_without_crashing(s
         prepares = client.search_runs([experiment.experiment_id])
         assert [r.info.status for r in prepares] == ["FINISHED"] * N_PROCESSES
         assert {(d.dataset.name, d.dataset.digest) for r in prepares for d in r.inputs.dataset_inputs} == {
-            ("psydefconv-train", prepared.digest), ("psydefconv-test", tracking_digest(data_dir))}
+            ("psydefconv-train", prepared.digest), ("psydefconv-test", _test_digest(data_dir))}
         parent = client.get_run(round_["parent"])
         assert {k: parent.data.tags[k] for k in expected_tags} == expected_tags
         assert parent.data.params["prepare_run_id"] == prepared.run_id and parent.data.params["seed"] == "7"
@@ -138,7 +120,7 @@ def test_concurrent_stages_and_fold_jobs_make_the_same_writes_without_crashing(s
         assert dead.info.status == "FAILED" and "is gone" in dead.data.tags[tracking.END_REASON]
 
 
-def tracking_digest(data_dir) -> str:
+def _test_digest(data_dir) -> str:
     from psydef.core.data import dataset_digest, read_split
 
     return dataset_digest(read_split(data_dir / "test.json", labelled=False))

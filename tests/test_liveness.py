@@ -13,14 +13,7 @@ import pytest
 from mlflow import MlflowClient
 
 from psydef import tracking
-
-
-def _free_pid() -> int:
-    """A pid no process has here now."""
-    pid = 4_000_000
-    while os.path.exists(f"/proc/{pid}"):
-        pid -= 1
-    return pid
+from tests.fixtures.concurrency import free_pid
 
 
 def _foreign(pid: int, start: str = "12345") -> str:
@@ -48,7 +41,7 @@ def test_only_runs_whose_process_is_certainly_gone_are_marked_failed(experiment_
         pytest.skip("pid namespaces are a Linux notion")
     client = MlflowClient()
     child, child_identity = live_child
-    dead_pid, host = _free_pid(), socket.gethostname()
+    dead_pid, host = free_pid(), socket.gethostname()
 
     def run(identity: str | None, beat_age: float = 0, pid: int = dead_pid) -> str:
         tags = {tracking.STAGE: tracking.TUNE, tracking.HEARTBEAT: str(int(time.time() - beat_age)),
@@ -99,20 +92,20 @@ def _lease(owner: str, identity: str, expires_in: float) -> None:
 
 
 def test_a_lease_whose_process_is_gone_is_taken_over_at_once(tracking_uri, capsys):
-    dead_pid = _free_pid()
+    dead_pid = free_pid()
     _lease(f"{socket.gethostname()}:{dead_pid}:deadbeef", _ours(dead_pid, "12345"), expires_in=tracking.LEASE_TTL_S)
     lease = tracking.PromotionLease(NAME).acquire(wait=tracking.LEASE_TTL_S / 4)  # far shorter than its expiry
     assert lease.held()
     lines = capsys.readouterr().out.splitlines()
-    assert lines == [f"promote: the lease {tracking.lease_name(NAME)} of {socket.gethostname()}:{dead_pid}:deadbeef "
-                     "was left by a process that is gone; taking it over"]
+    assert lines == [(f"promote: the lease {tracking.lease_name(NAME)} of {socket.gethostname()}:{dead_pid}:deadbeef "
+                      "was left by a process that is gone; taking it over")]
     lease.release()
 
 
 def test_a_waiter_says_once_who_holds_the_lease_and_till_when(tracking_uri, capsys):
     """A live holder this process cannot see (another pid namespace) keeps its lease until it expires."""
-    owner = f"{socket.gethostname()}:{_free_pid()}:c0ffee"
-    _lease(owner, _foreign(_free_pid()), expires_in=1.5)
+    owner = f"{socket.gethostname()}:{free_pid()}:c0ffee"
+    _lease(owner, _foreign(free_pid()), expires_in=1.5)
     expires = float(MlflowClient().get_registered_model(tracking.lease_name(NAME)).tags[tracking.LEASE_EXPIRES])
     lease = tracking.PromotionLease(NAME).acquire(wait=60)
     assert lease.held() and time.time() >= expires
