@@ -48,6 +48,7 @@ EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT = "mlflow.experimentKind", "custom_mod
 DATASET_CONTEXT, TRAINING = "mlflow.data.context", "training"  # a dataset input's role
 # Liveness of a stage run (see "Heartbeat" below): unix time of the last beat, and who beats
 HEARTBEAT, HEARTBEAT_PID, HEARTBEAT_HOST = "psydef.heartbeat", "psydef.pid", "psydef.host"
+HEARTBEAT_PROCESS = "psydef.process"  # who beats, unambiguously: process_identity()
 END_REASON = "psydef.end_reason"  # why a run was ended by another process
 
 # Stages (values of the STAGE tag)
@@ -131,18 +132,23 @@ def configure(tracking_uri: str | None = None, experiment: str | None = None) ->
         found = mlflow.set_experiment(experiment_id=launched.info.experiment_id)
     else:
         name = experiment or os.environ.get("MLFLOW_EXPERIMENT_NAME") or DEFAULT_EXPERIMENT
-        root = sqlite_artifact_root(uri)
-        if root is not None and mlflow.get_experiment_by_name(name) is None:
+        # Created here, not by mlflow.set_experiment: when another process creates it at the same moment,
+        # set_experiment returns it without making it the active experiment (the runs would land elsewhere).
+        if mlflow.get_experiment_by_name(name) is None:
             from mlflow.exceptions import MlflowException
 
             try:
-                mlflow.create_experiment(name, artifact_location=root)
+                mlflow.create_experiment(name, artifact_location=sqlite_artifact_root(uri))
             except MlflowException as err:  # another process created it first
                 if err.error_code != "RESOURCE_ALREADY_EXISTS":
                     raise
         found = mlflow.set_experiment(name)
     if EXPERIMENT_KIND not in found.tags:  # a kind someone chose in the UI stays
-        client().set_experiment_tag(found.experiment_id, EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT)
+        experiment_id = found.experiment_id
+        tolerate_concurrent_write(
+            lambda: client().set_experiment_tag(experiment_id, EXPERIMENT_KIND, CUSTOM_MODEL_DEVELOPMENT),
+            lambda: client().get_experiment(experiment_id).tags, {EXPERIMENT_KIND: CUSTOM_MODEL_DEVELOPMENT},
+            what=f"experiment {found.name!r}")
     return found.experiment_id
 
 
@@ -430,21 +436,31 @@ def system_metrics(run_id: str):
 def log_new_params(params: dict, run_id: str | None = None) -> None:
     """Log the params the run (default: the active one) does not hold yet. Under ``mlflow run`` the
     ``-P`` values are already the run's params (as strings), and MLflow refuses to change a value.
+    Another process logging the same values at the same moment (fold jobs of one parent) is fine.
     Passwords in the values are masked (:func:`redact_uri`)."""
     import mlflow
     from mlflow.entities import Param
 
     run_id = run_id or mlflow.active_run().info.run_id
-    given = mlflow.get_run(run_id).data.params
-    new = [Param(key, redact_uri(str(value))) for key, value in params.items() if key not in given]
-    mlflow.MlflowClient().log_batch(run_id, params=new)
+    given = client().get_run(run_id).data.params
+    new = {key: redact_uri(str(value)) for key, value in params.items() if key not in given}
+    if new:
+        tolerate_concurrent_write(
+            lambda: client().log_batch(run_id, params=[Param(key, value) for key, value in new.items()]),
+            lambda: client().get_run(run_id).data.params, new, what=f"run {run_id}")
+
+
+def set_run_tags(run_id: str, tags: dict[str, str]) -> None:
+    """Tag run ``run_id``, also when other processes set the same tags at the same moment."""
+    tolerate_concurrent_write(lambda: client().log_batch(run_id, tags=[_tag(key, value) for key, value in tags.items()]),
+                              lambda: client().get_run(run_id).data.tags, tags, what=f"run {run_id}")
 
 
 def describe(text: str, run_id: str | None = None) -> None:
     """The run's description (default: the active run's), shown in the UI's run page and runs table."""
     import mlflow
 
-    client().set_tag(run_id or mlflow.active_run().info.run_id, NOTE, redact_uri(text))
+    set_run_tags(run_id or mlflow.active_run().info.run_id, {NOTE: redact_uri(text)})
 
 
 def log_dataset(table, path: str | Path, *, name: str, digest: str, context: str, targets: str | None = None) -> None:
@@ -460,7 +476,15 @@ def log_dataset(table, path: str | Path, *, name: str, digest: str, context: str
         warnings.filterwarnings("ignore", message="Hint: Inferred schema contains integer column")
         dataset = mlflow.data.from_pandas(table, source=resolve_dataset_source(str(path)), targets=targets,
                                           name=name, digest=digest)
-        mlflow.log_input(dataset, context=context)
+        run_id = mlflow.active_run().info.run_id
+        tolerate_concurrent_write(lambda: mlflow.log_input(dataset, context=context), lambda: _dataset_inputs(run_id),
+                                  {(name, digest): context}, what=f"run {run_id}")
+
+
+def _dataset_inputs(run_id: str) -> dict[tuple[str, str], str | None]:
+    """(name, digest) -> context of the dataset inputs of a run."""
+    return {(i.dataset.name, i.dataset.digest): {t.key: t.value for t in i.tags}.get(DATASET_CONTEXT)
+            for i in client().get_run(run_id).inputs.dataset_inputs}
 
 
 def log_training_dataset(run_id: str, prepare_run_id: str) -> None:
@@ -470,7 +494,9 @@ def log_training_dataset(run_id: str, prepare_run_id: str) -> None:
 
     inputs = client().get_run(prepare_run_id).inputs.dataset_inputs
     training = [i.dataset for i in inputs if {t.key: t.value for t in i.tags}.get(DATASET_CONTEXT) == TRAINING]
-    client().log_inputs(run_id, [DatasetInput(d, [InputTag(DATASET_CONTEXT, TRAINING)]) for d in training])
+    tolerate_concurrent_write(
+        lambda: client().log_inputs(run_id, [DatasetInput(d, [InputTag(DATASET_CONTEXT, TRAINING)]) for d in training]),
+        lambda: _dataset_inputs(run_id), {(d.name, d.digest): TRAINING for d in training}, what=f"run {run_id}")
 
 
 def log_npy(array: np.ndarray, artifact_path: str) -> None:
@@ -503,6 +529,59 @@ def load_npy(run_id: str, artifact_path: str) -> np.ndarray:
     with tempfile.TemporaryDirectory() as tmp:
         local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=artifact_path, dst_path=tmp)
         return np.load(local, allow_pickle=False)
+
+
+# ---------------------------------------------------------------------------------------------
+# Concurrent identical writes
+#
+# Several processes write the same values to one run or experiment at once: fold jobs tag their shared
+# parent and log its params and training dataset, stages started together tag the experiment, prepares
+# of one data set create its dataset row. MLflow's stores read, then insert (``session.merge`` for tags,
+# a lookup before the insert for params, datasets and inputs), so the slower of two writers hits the
+# table's unique key: an ``MlflowException`` (BAD_REQUEST or INTERNAL_ERROR; a ``RestException`` through a
+# server) whose message carries the database's unique-violation text. The row it wanted now exists;
+# whether it holds the same value decides.
+
+WRITE_ATTEMPTS = 5
+# How each database words a unique-key violation (SQLite, PostgreSQL, MySQL), inside MLflow's message
+_UNIQUE_VIOLATIONS = ("UNIQUE constraint failed", "duplicate key value violates unique constraint",
+                      "UniqueViolation", "Duplicate entry")
+
+
+class ConcurrentWriteConflict(ValueError):
+    """Another process wrote a different value to the same key at the same moment."""
+
+
+def is_unique_violation(err: BaseException) -> bool:
+    """Whether an MLflow error is the store's unique-key violation (directly or through a server)."""
+    from mlflow.exceptions import MlflowException
+
+    return isinstance(err, MlflowException) and any(text in str(err.message) for text in _UNIQUE_VIOLATIONS)
+
+
+def tolerate_concurrent_write(write, stored, wanted: dict, *, what: str) -> None:
+    """``write()``, an idempotent write of the values ``wanted`` ({key: value}) that another process may
+    make at the same moment. On the store's unique-key error the state is read again (``stored()``: a
+    mapping holding the keys written so far): every key holding its wanted value means the other write
+    did this one's; a key holding another value is a real conflict (ConcurrentWriteConflict, naming
+    ``what``: the run or experiment); keys still missing mean the write is tried again, a few times
+    after a short random pause."""
+    for attempt in range(WRITE_ATTEMPTS):
+        try:
+            write()
+            return
+        except Exception as err:  # only the unique-key violation is handled below
+            if not is_unique_violation(err) or attempt == WRITE_ATTEMPTS - 1:
+                raise
+        now = stored()
+        differ = {key: now[key] for key, value in wanted.items() if key in now and now[key] != value}
+        if differ:
+            shown = "; ".join(f"{key}: {value!r}, not {wanted[key]!r}" for key, value in differ.items())
+            raise ConcurrentWriteConflict(f"{what}: another process wrote other values at the same moment ({shown}); "
+                                          "check which jobs write to it")
+        if all(key in now for key in wanted):
+            return
+        time.sleep(random.uniform(0.05, 0.25) * (attempt + 1))
 
 
 # ---------------------------------------------------------------------------------------------
@@ -679,9 +758,30 @@ def version_metrics(version) -> dict[str, float]:
     return {metric.key: metric.value for metric in latest}
 
 
-def describe_version(name: str, version: str | int, text: str) -> None:
-    """A model version's description, shown on the UI's model and version pages."""
-    client().update_model_version(name, str(version), description=redact_uri(text))
+def create_version(name: str, model, *, tags: dict[str, str], description: str):
+    """A new version of registered model ``name`` (created when missing) from the logged model ``model``
+    (a ``ModelInfo``), its tags and description (shown on the UI's model and version pages) written by
+    the call that creates it, so a register killed at any moment leaves a complete version or none."""
+    import json
+
+    from mlflow.exceptions import MlflowException
+    from mlflow.utils.mlflow_tags import MLFLOW_MODEL_VERSIONS
+
+    mlflow_client = client()
+    try:
+        mlflow_client.create_registered_model(name)
+    except MlflowException as err:  # it exists, or another register created it a moment ago
+        if err.error_code != "RESOURCE_ALREADY_EXISTS":
+            raise
+    version = mlflow_client.create_model_version(name, model.model_uri, run_id=model.run_id, tags=tags,
+                                                 description=redact_uri(description), model_id=model.model_id)
+    # The logged model's link to its versions (its UI page lists them): a tracking server writes it,
+    # a local store does not; as mlflow.register_model does.
+    linked = json.loads(mlflow_client.get_logged_model(model.model_id).tags.get(MLFLOW_MODEL_VERSIONS) or "[]")
+    entry = {"name": name, "version": str(version.version)}
+    if entry not in [{k: str(v) for k, v in e.items()} for e in linked]:
+        mlflow_client.set_logged_model_tags(model.model_id, {MLFLOW_MODEL_VERSIONS: json.dumps([*linked, entry])})
+    return version
 
 
 def resolve_model_uri(model_uri: str) -> str:
@@ -723,13 +823,16 @@ def resolve_model_uri(model_uri: str) -> str:
 # ---------------------------------------------------------------------------------------------
 # Heartbeat: no run stays RUNNING after its process is gone
 #
-# Every stage run (stage_run) carries the pid and host of its process and a heartbeat tag that a
-# daemon thread refreshes every HEARTBEAT_S seconds. SIGINT and SIGTERM end it FAILED (the run's
+# Every stage run (stage_run) carries the pid and host of its process, its process identity (the
+# machine's boot id, the pid namespace, the pid and the process's start time) and a heartbeat tag that
+# a daemon thread refreshes every HEARTBEAT_S seconds. SIGINT and SIGTERM end it FAILED (the run's
 # context exits with an exception). For SIGKILL or a lost machine, every stage first marks FAILED
-# the RUNNING runs of its experiment whose process is gone: same host and no such pid, or no beat
-# for STALE_AFTER_S seconds (another machine). Runs without a heartbeat (fold runs of parallel fold
-# jobs, the parent they share) are left to the train stage (mark_stale_folds_failed), except the
-# nested runs of a dead stage run.
+# the RUNNING runs of its experiment whose process is gone: one of this boot and pid namespace with
+# no process of that pid and start time left, or no beat for STALE_AFTER_S seconds. A process this
+# one cannot see (another machine, a container with its own pid namespace under the same host name,
+# a run without an identity) is judged by its heartbeat alone: a fresh beat means alive. Runs without
+# a heartbeat (fold runs of parallel fold jobs, the parent they share) are left to the train stage
+# (mark_stale_folds_failed), except the nested runs of a dead stage run.
 
 HEARTBEAT_S = 30.0
 STALE_AFTER_S = 300.0  # ten missed beats: a slow server delays a beat, it does not stop ten
@@ -758,7 +861,8 @@ def heartbeat(run_id: str):
     global _beater
 
     client().log_batch(run_id, tags=[_tag(HEARTBEAT, str(int(time.time()))), _tag(HEARTBEAT_PID, str(os.getpid())),
-                                     _tag(HEARTBEAT_HOST, socket.gethostname())])
+                                     _tag(HEARTBEAT_HOST, socket.gethostname()),
+                                     _tag(HEARTBEAT_PROCESS, process_identity())])
     with _beating_lock:
         _beating.add(run_id)
         if _beater is None or not _beater.is_alive():
@@ -796,6 +900,27 @@ def _failed_on_sigterm():
         signal.signal(signal.SIGTERM, signal.SIG_DFL)
 
 
+def pid_namespace() -> str:
+    """Where a pid means one process: this boot of this machine and this pid namespace on Linux
+    (``BOOT_ID/INODE``); elsewhere (no pid namespaces) the host name."""
+    try:
+        boot_id = Path("/proc/sys/kernel/random/boot_id").read_text().strip()
+        return f"{boot_id}/{os.stat('/proc/self/ns/pid').st_ino}"
+    except OSError:
+        return f"host {socket.gethostname()}"
+
+
+def _start_time(pid: int) -> str | None:
+    """The start time of process ``pid`` (clock ticks since boot, /proc/PID/stat field 22); "" where
+    /proc is missing (then a live pid is taken for the same process); None when there is no such process."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[19]
+    except FileNotFoundError:
+        return None
+    except OSError:
+        return "" if _pid_alive(pid) else None
+
+
 def _pid_alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -806,18 +931,47 @@ def _pid_alive(pid: int) -> bool:
     return True
 
 
+def process_identity(pid: int | None = None) -> str:
+    """``NAMESPACE:PID:START`` of process ``pid`` (default: this one), which no other process shares:
+    not one in another container with the same host name, nor a later process given the same pid."""
+    pid = os.getpid() if pid is None else pid
+    return f"{pid_namespace()}:{pid}:{_start_time(pid) or ''}"
+
+
+def process_gone(identity: str) -> bool:
+    """Whether the process of ``identity`` (process_identity) has certainly ended: it lived in this
+    pid namespace of this boot and no process of that pid and start time is left. False when it may be
+    alive, and for processes this one cannot see (another machine or pid namespace)."""
+    parts = identity.rsplit(":", 2)
+    if len(parts) != 3 or not parts[1].isdigit() or parts[0] != pid_namespace():
+        return False
+    started, now = parts[2], _start_time(int(parts[1]))
+    return now is None or bool(started and now and now != started)
+
+
 def why_dead(run, now: float | None = None) -> str | None:
     """Why a RUNNING run's process is gone (see above), or None while it may be alive."""
     tags = run.data.tags
     if HEARTBEAT not in tags:
         return None
     host, pid = tags.get(HEARTBEAT_HOST), tags.get(HEARTBEAT_PID, "")
-    if host == socket.gethostname() and pid.isdigit() and int(pid) != os.getpid() and not _pid_alive(int(pid)):
+    if process_gone(tags.get(HEARTBEAT_PROCESS, "")):
         return f"its process (pid {pid} on {host}) is gone"
     silent = (now or time.time()) - float(tags[HEARTBEAT])
     if silent > STALE_AFTER_S:
         return f"no heartbeat from pid {pid} on {host} for {silent:.0f} s"
     return None
+
+
+def _end_failed(run_id: str, reason: str) -> None:
+    """End a run FAILED with ``reason``; another stage starting at the same moment may end it too, and
+    then the first reason written stands."""
+    def stored():
+        return {END_REASON: reason} if END_REASON in client().get_run(run_id).data.tags else {}
+
+    tolerate_concurrent_write(lambda: client().set_tag(run_id, END_REASON, reason), stored, {END_REASON: reason},
+                              what=f"run {run_id}")
+    client().set_terminated(run_id, "FAILED")
 
 
 def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
@@ -845,9 +999,8 @@ def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
         orphans = [r.info.run_id for r in running if r.data.tags.get(PARENT_RUN_ID) == run_id
                    and HEARTBEAT not in r.data.tags and r.info.start_time <= started_by_it]
         for dead in (run_id, *orphans):
-            mlflow_client.set_tag(dead, END_REASON, f"marked FAILED by pid {os.getpid()} on {socket.gethostname()}: "
-                                                    + (reason if dead == run_id else f"parent run {run_id}: {reason}"))
-            mlflow_client.set_terminated(dead, "FAILED")
+            _end_failed(dead, f"marked FAILED by pid {os.getpid()} on {socket.gethostname()}: "
+                              + (reason if dead == run_id else f"parent run {run_id}: {reason}"))
             for model in mlflow_client.search_logged_models([experiment_id], filter_string=f"source_run_id = '{dead}'"):
                 if model.status == LoggedModelStatus.PENDING:
                     mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
@@ -863,13 +1016,14 @@ def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
 # MLflow has no compare-and-set for aliases, but creating a registered model is atomic: the store's
 # unique key on the name lets exactly one of several concurrent creates succeed (the others get
 # RESOURCE_ALREADY_EXISTS), on SQLite, PostgreSQL and through a tracking server alike. The lease on
-# model NAME is the registered model ``NAME.promote-lease``, tagged with its owner and expiry; it is
-# deleted when the promote ends. Others wait with jittered exponential backoff; a lease past its
-# expiry (its owner died) is deleted and contested again. The owner re-reads the lease before and
-# after it moves the aliases, so a promote that lost its lease never reports success.
+# model NAME is the registered model ``NAME.promote-lease``, tagged with its owner, the owner's process
+# identity and the expiry; it is deleted when the promote ends. Others wait with jittered exponential
+# backoff, saying once who holds it; a lease past its expiry, or whose owner's process is gone from
+# this machine (process_gone), is deleted and contested again. The owner re-reads the lease before
+# and after it moves the aliases, so a promote that lost its lease never reports success.
 
 LEASE_SUFFIX = ".promote-lease"
-LEASE_OWNER, LEASE_EXPIRES = "psydef.lease_owner", "psydef.lease_expires"
+LEASE_OWNER, LEASE_EXPIRES, LEASE_PROCESS = "psydef.lease_owner", "psydef.lease_expires", "psydef.lease_process"
 LEASE_TTL_S = 120.0  # far above the seconds a promote holds it (a few registry calls)
 LEASE_WAIT_S = 600.0
 
@@ -880,6 +1034,15 @@ class LeaseLost(ValueError):
 
 def lease_name(name: str) -> str:
     return f"{name}{LEASE_SUFFIX}"
+
+
+def _lease_ended(tags: dict) -> str | None:
+    """Why a lease (its tags) no longer holds: expired, or its owner's process is gone; None while it holds."""
+    if float(tags.get(LEASE_EXPIRES, "0")) < time.time():
+        return "expired"
+    if process_gone(tags.get(LEASE_PROCESS, "")):
+        return "was left by a process that is gone"
+    return None
 
 
 class PromotionLease:
@@ -901,24 +1064,33 @@ class PromotionLease:
     def acquire(self, wait: float = LEASE_WAIT_S) -> "PromotionLease":
         from mlflow.exceptions import MlflowException
 
-        deadline, delay = time.monotonic() + wait, 0.05
+        deadline, delay, announced = time.monotonic() + wait, 0.05, None
         while True:
             try:
                 client().create_registered_model(
-                    self.name, tags={LEASE_OWNER: self.owner, LEASE_EXPIRES: repr(time.time() + self.ttl)},
+                    self.name, tags={LEASE_OWNER: self.owner, LEASE_EXPIRES: repr(time.time() + self.ttl),
+                                     LEASE_PROCESS: process_identity()},
                     description="Held while `psydef promote` moves the aliases; deleted when it ends.")
                 if self.held():
                     return self
             except MlflowException as err:
-                if err.error_code != "RESOURCE_ALREADY_EXISTS":
+                # taken; or taken and released already: the store reads the holder back for its message
+                if err.error_code not in ("RESOURCE_ALREADY_EXISTS", "RESOURCE_DOES_NOT_EXIST"):
                     raise
             current = self._read()
-            if current is not None and float(current.tags.get(LEASE_EXPIRES, "0")) < time.time():
-                again = self._read()  # delete only the lease seen expired, not one taken since
+            ended = None if current is None else _lease_ended(current.tags)
+            if ended:
+                again = self._read()  # delete only the lease seen ended, not one taken since
                 if again is not None and again.tags.get(LEASE_OWNER) == current.tags.get(LEASE_OWNER):
-                    print(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} expired; taking it over")
+                    print(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} {ended}; taking it over")
                     self._delete()
                 continue
+            holder = None if current is None else current.tags.get(LEASE_OWNER)
+            if holder is not None and holder != announced:
+                until = time.strftime("%H:%M:%S", time.localtime(float(current.tags.get(LEASE_EXPIRES, "0"))))
+                print(f"promote: waiting for the promotion lease {self.name}, held by {holder} until {until} "
+                      "at the latest")
+                announced = holder
             if time.monotonic() > deadline:
                 holder = current.tags.get(LEASE_OWNER) if current is not None else "?"
                 raise ValueError(f"promote: registered model {self.name} (the promotion lease) is held by {holder} "

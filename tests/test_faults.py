@@ -190,6 +190,38 @@ def test_a_killed_register_is_marked_failed_and_creates_no_version(store, jobs, 
     assert _versions() == before
 
 
+# SIGKILL in the moment after the version is created: MlflowClient.create_model_version returns, then the process dies
+KILLED_AFTER_CREATING_THE_VERSION = """
+import os, signal, sys
+from mlflow import MlflowClient
+create = MlflowClient.create_model_version
+def create_then_die(*args, **kwargs):
+    create(*args, **kwargs)
+    os.kill(os.getpid(), signal.SIGKILL)
+MlflowClient.create_model_version = create_then_die
+from entrypoints.register import register
+register(sys.argv[1:])
+"""
+
+
+def test_a_register_killed_once_its_version_exists_leaves_that_version_complete(store, jobs, data_dir):
+    """The version's tags and description are written by the call that creates it: whenever a register
+    dies, the version it leaves (if any) says what it is and carries its gate metric."""
+    before = _versions()
+    proc = subprocess.Popen([sys.executable, "-c", KILLED_AFTER_CREATING_THE_VERSION, "--tune-run", store.tune.good],
+                            env={**jobs.env, "MLFLOW_EXPERIMENT_NAME": store.experiment}, cwd=jobs.logs,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    output = proc.communicate(timeout=600)[0]
+    assert proc.returncode == -signal.SIGKILL, output[-3000:]
+    [number] = sorted(set(_versions()) - set(before))
+    version = MlflowClient().get_model_version(NAME, str(number))
+    assert version.status == "READY" and version.description.startswith("Ensemble of 2 member(s)")
+    assert version.tags[tracking.V_TUNE_RUN_ID] == store.tune.good and tracking.GATE_METRIC in version.tags
+    _next_stage(data_dir)
+    assert mlflow.get_run(version.run_id).info.status == "FAILED"
+    MlflowClient().delete_model_version(NAME, str(number))
+
+
 def test_sigterm_ends_the_run_failed(store, jobs):
     known = {r.info.run_id for r in _stage_runs(store, tracking.TUNE)}
     proc = _tune_job(jobs, store, "tune-sigterm")

@@ -19,14 +19,14 @@ from tests.fixtures.server import REPO, clean_env, mlflow_server, tail
 NAME = tracking.MODEL_NAME
 # version -> gate score; v1 is the champion (0.4). One after the other, 4 after 2 passes, 2 after 4 is refused, and so
 # is 5 (equal to 1).
-SCORES = {2: 0.45, 3: 0.35, 4: 0.5, 5: 0.4}
+SCORES = {2: 0.45, 3: 0.35, 4: 0.5, 5: 0.4, 6: 0.45}  # five promotes at once
 ROUNDS = 3
 PROMOTE_TIMEOUT = 600
 
 
 @pytest.fixture(scope="module")
 def server(registry_store, champion, tmp_path_factory):
-    """The registry store with versions 2..5 (SCORES), served by a loopback tracking server."""
+    """The registry store with versions 2..6 (SCORES), served by a loopback tracking server."""
     client = MlflowClient()
     assert str(champion.version) == "1" and tracking.version_metrics(champion)[tracking.GATE_METRIC] == 0.4
     # the champion's files as versions of the older kind, whose gate score is a tag (the logged model's is 0.4)

@@ -150,11 +150,10 @@ def run_register(config: RegisterConfig):
                 raise ValueError(f"register: no version created: {err}; at fault: "
                                  f"{_diagnose(adapter_dirs, members, folds_of)}") from err
             mlflow.log_metrics(metrics, model_id=info.model_id)  # on the register run and on its logged model
-            version = mlflow.register_model(info.model_uri, name, tags=tags)
             choice = tune.data.tags.get(tracking.CALIBRATION) or (
                 tracking.CALIBRATED if any(spec.delta) or spec.tau7 is not None else tracking.PLAIN)
             text = _description(spec, members, tags, metrics, sum(map(len, adapter_dirs)), choice)
-            tracking.describe_version(name, version.version, text)
+            version = tracking.create_version(name, info, tags=tags, description=text)
             tracking.describe(f"Version {version.version} of {name}: {text}")
     print(f"register: {name} version {version.version} from tune run {tune_run_id} "
           f"({tracking.GATE_METRIC} {metrics[tracking.GATE_METRIC]:.6g}); register run {run.info.run_id}")

@@ -210,9 +210,7 @@ def _train_missing_folds(parent_id: str, config: TrainConfig, prepared: Prepared
 
 
 def _tag_parent(parent_id: str, config: TrainConfig, prepared: Prepared, backbone: str, hyper: dict) -> None:
-    client = tracking.client()
-    for key, value in tracking.train_tags(config.seed, backbone, prepared.digest, prepared.run_id).items():
-        client.set_tag(parent_id, key, value)
+    tracking.set_run_tags(parent_id, tracking.train_tags(config.seed, backbone, prepared.digest, prepared.run_id))
     # The settings as given, then every hyper-parameter the backbone trains with, defaults included, so
     # the compare view shows what differs between two runs (a setting already logged keeps its value).
     # Only what every job of the parent shares: not fold, resume or parent_run_id.
