@@ -18,7 +18,7 @@ from tests.fixtures.server import REPO, clean_env, group_cmdlines, tail, mlflow_
 SEEDS = (1, 2)
 N_FOLDS = 5
 # The smallest settings that still run every stage: two seeds, 5 folds each, a nested tune.
-CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--backbone", "minilm", "--hyper", "char_ngrams=false,max_length=32",
+CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--members", "minilm:char_ngrams=false,max_length=32",
               "--n-trials", "60", "--inner-trials", "20"]
 CHAIN_TIMEOUT = 600
 

@@ -41,9 +41,11 @@ def prepared(data_dir, tracking_uri):
 def test_train_logs_fold_runs_and_parent_oof(train, prepared, tmp_path):
     parent_id = train(seed=5)
     parent = mlflow.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "train seed=5 minilm"
+    member = "minilm:char_ngrams=false,max_length=32"  # FAST, canonical
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"train seed=5 {member}"
     tags = parent.data.tags
     assert (tags[tracking.STAGE], tags[tracking.SEED], tags[tracking.BACKBONE]) == ("train", "5", "minilm")
+    assert tags[tracking.MEMBER] == member
     assert tags[tracking.DATA_DIGEST] == prepared.digest and tags[tracking.PREPARE_RUN_ID] == prepared.run_id
 
     folds = tracking.fold_runs(parent_id)

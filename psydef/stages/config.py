@@ -193,9 +193,63 @@ def check_hyper(backbone: str, hyper: dict, bounds: dict[str, dict] | None = Non
         if kind is str and not isinstance(value, str):
             value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
         declared = {k: v for k, v in known[key].metadata.items() if k in ("ge", "gt", "le", "choices")}
-        where = f"{option} {key}" if option == "--hyper" else option
+        where = option if option == option_name(key) else f"{option} {key}"  # --epochs, or --hyper epochs
         checked[key] = _check_value(where, kind, value, {**declared, **(bounds or {}).get(key, {})})
     return checked
+
+
+# ------------------------------------------------------------------------------------------------
+# Ensemble members: ``backbone`` or ``backbone:key=value,...``, several joined by ``;``
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member of an ensemble by design: a backbone and its hyper-parameters (``hyper`` as
+    :func:`parse_hyper` gives it); each member is trained once per seed."""
+    backbone: str = "auto"
+    hyper: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        """As given: ``backbone`` or ``backbone:key=value,...``."""
+        return self.backbone + (f":{spell_hyper(self.hyper)}" if self.hyper else "")
+
+    def checked(self, option: str = "--members") -> "MemberSpec":
+        """The backbone checked against the choices and ``hyper`` against its fields (what
+        :func:`check_hyper` does for ``--hyper``), the messages naming ``option`` and this member."""
+        where = f"{option} (member {str(self)!r})"
+        _check_value(where, str, self.backbone, {"choices": "psydef.backbones:CHOICES"})
+        from psydef.backbones import resolve_backbone_name
+
+        return MemberSpec(self.backbone, check_hyper(resolve_backbone_name(self.backbone), self.hyper,
+                                                     BOUNDS_BY_NAME, option=where))
+
+
+def member_tag(backbone: str, hyper: dict) -> str:
+    """The canonical spelling of a trained member, what its train runs are tagged and found by: the
+    resolved backbone, then the checked hyper-parameters that differ from the backbone's defaults,
+    sorted by name (``minilm:C=0.5`` and ``minilm`` are one member)."""
+    from psydef.backbones import backbone_class
+
+    defaults = {f.name: f.default for f in dataclasses.fields(backbone_class(backbone))
+                if f.default is not dataclasses.MISSING}
+    differ = {k: hyper[k] for k in sorted(hyper) if k not in defaults or hyper[k] != defaults[k]}
+    return backbone + (f":{spell_hyper(differ)}" if differ else "")
+
+
+def parse_members(text: str) -> tuple[MemberSpec, ...]:
+    """``backbone[:key=value,...];...`` -> the member specs (their values are checked by the config)."""
+    members = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        backbone, _, hyper = item.partition(":")
+        try:
+            members.append(MemberSpec(backbone.strip(), parse_hyper(hyper)))
+        except ValueError as err:
+            raise ValueError(f"--members (member {item!r}): {str(err).removeprefix('--hyper: ')}") from None
+    return tuple(members)
+
+
+def spell_members(members: tuple[MemberSpec, ...]) -> str:
+    return ";".join(map(str, members))
 
 
 # ------------------------------------------------------------------------------------------------
@@ -262,6 +316,10 @@ class TrainConfig(Settings):
             checked |= check_hyper(name, {key: value}, BOUNDS_BY_NAME, option=option_name(key))
         return checked
 
+    def member_tag(self) -> str:
+        """The member this training is (:func:`member_tag`): what tune and a resumed ``main`` find it by."""
+        return member_tag(self.backbone_name(), self.backbone_hyper())
+
 
 # --epochs and --learning-rate are shortcuts for --hyper epochs=... and learning_rate=...: the same bounds
 BOUNDS_BY_NAME = {f.name: f.metadata for f in dataclasses.fields(TrainConfig) if f.name in ("epochs", "learning_rate")}
@@ -278,8 +336,11 @@ class AggregateConfig(Settings):
 @dataclass(frozen=True)
 class TuneConfig(Settings):
     train_runs: tuple[str, ...] = setting((), "Comma-separated train (parent) run ids; default: the latest FINISHED "
-                                              "train run of each seed sharing the newest one's data digest and "
-                                              "backbone.")
+                                              "train run of each member and seed (see --members) sharing the "
+                                              "newest one's data digest.")
+    members: tuple[MemberSpec, ...] = setting((), "Without --train-runs: the members to pick train runs of, as "
+                                                  "main's --members; default: the newest train run's member.",
+                                              parse=parse_members, spell=spell_members)
     n_trials: int = setting(2000, "Complete trials the study should hold (a stored study is resumed up to this "
                                   "total).", ge=1)
     sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
@@ -297,6 +358,9 @@ class TuneConfig(Settings):
     def check(self) -> None:
         if self.n_jobs == 0:
             raise ValueError("--n-jobs: 0 processes cannot run anything; give -1 (one per CPU) or a count >= 1")
+        if self.train_runs and self.members:
+            raise ValueError("--members picks train runs when --train-runs is not given: give one of them")
+        object.__setattr__(self, "members", _checked_members(self.members))
 
 
 @dataclass(frozen=True)
@@ -326,11 +390,14 @@ class PredictConfig(Settings):
 @dataclass(frozen=True)
 class MainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir", help="Folder with train.json and test.json.")
-    seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated training seeds (the first also prepares "
-                                                     "and tunes).")
-    backbone: str = _like(TrainConfig, "backbone")
-    model: str | None = _like(TrainConfig, "model")
-    hyper: dict = _like(TrainConfig, "hyper")
+    seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated seeds: each prepares its own fold partition, "
+                                                     "on which every member is trained (the first also tunes).")
+    members: tuple[MemberSpec, ...] = setting(
+        (MemberSpec(),), "Ensemble members, each trained for each seed: backbone[:key=value,...] joined by ';' "
+                         "(e.g. 'minilm;minilm:combine=vote'); the backbone's hyper-parameters as in train --hyper.",
+        parse=parse_members, spell=spell_members)
+    resume: bool = setting(False, "true: reuse the FINISHED prepare and train runs of the same data, seeds, members "
+                                  "and settings (a rerun after a failure trains only what is missing).")
     n_trials: int = _like(TuneConfig, "n_trials")
     inner_trials: int = _like(TuneConfig, "inner_trials")
     n_jobs: int = _like(TuneConfig, "n_jobs")
@@ -342,16 +409,22 @@ class MainConfig(Settings):
     def check(self) -> None:
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: a seed is listed twice in {','.join(map(str, self.seeds))}")
+        if not self.members:
+            raise ValueError("--members: give at least one member")
+        object.__setattr__(self, "members", _checked_members(self.members))
         for seed in self.seeds:  # every train and tune setting checked before anything runs
-            self.train(seed)
+            for member in self.members:
+                self.train(seed, member)
         self.tune([])
 
-    def prepare(self) -> PrepareConfig:
-        return PrepareConfig(data_dir=self.data_dir, seed=self.seeds[0])
+    def prepare(self, seed: int) -> PrepareConfig:
+        return PrepareConfig(data_dir=self.data_dir, seed=seed)
 
-    def train(self, seed: int, prepare_run_id: str | None = None) -> TrainConfig:
-        return TrainConfig(data_dir=self.data_dir, seed=seed, prepare_run_id=prepare_run_id, backbone=self.backbone,
-                           model=self.model, hyper=self.hyper)
+    def train(self, seed: int, member: MemberSpec, prepare_run_id: str | None = None) -> TrainConfig:
+        return TrainConfig(data_dir=self.data_dir, seed=seed, prepare_run_id=prepare_run_id, backbone=member.backbone,
+                           hyper=member.hyper)
 
     def tune(self, train_runs: list[str]) -> TuneConfig:
         return TuneConfig(train_runs=tuple(train_runs), n_trials=self.n_trials, sampler=self.sampler, gate=self.gate,
@@ -363,3 +436,18 @@ class MainConfig(Settings):
     def predict(self) -> PredictConfig:
         return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,
                              model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION))
+
+
+def _checked_members(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
+    """Each member checked (:meth:`MemberSpec.checked`); two that are one member (same backbone here,
+    same values) are refused."""
+    from psydef.backbones import resolve_backbone_name
+
+    checked = tuple(member.checked() for member in members)
+    seen: dict[str, MemberSpec] = {}
+    for given, member in zip(members, checked):
+        tag = member_tag(resolve_backbone_name(member.backbone), member.hyper)
+        if tag in seen:
+            raise ValueError(f"--members: {str(seen[tag])!r} and {str(given)!r} are the same member ({tag})")
+        seen[tag] = given
+    return checked
