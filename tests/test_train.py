@@ -119,3 +119,15 @@ def test_bad_input_fails_cleanly(train):
         train(seed=5, fold=9)
     # Nothing half-made for later steps: neither check left a train run behind.
     assert not mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = 'train'", output_format="list")
+
+
+def test_aggregate_refuses_fold_runs_whose_oof_rows_are_not_their_folds(train, data_dir):
+    """Each OOF row must come from the fold model that never saw it: fold runs trained on one partition
+    do not aggregate on another's folds."""
+    from psydef.stages.train import aggregate
+
+    parent_id = train(seed=5)
+    other = run_prepare(PrepareConfig(data_dir=data_dir, seed=6))  # another partition of the same records
+    with pytest.raises(ValueError, match=rf"fold run \w+ \(fold 0 of train run {parent_id}\): its OOF ids are not the "
+                                         rf"real records of fold 0 of prepare run {other.run_id} \(\d+ of fold 0's"):
+        aggregate(parent_id, other)
