@@ -1,7 +1,7 @@
 """The ``prepare`` stage: validate the data, augment minority targets, assign folds, log it all.
 
 Later stages read the folds (``folds.csv``) and the augmented variants (``augmented.json``) from this
-run by its id, so every seed and backbone trains on exactly the same split."""
+run by its id: every member trained for a seed trains on that seed's split (another seed, another split)."""
 from __future__ import annotations
 
 import tempfile
