@@ -16,6 +16,7 @@ from mlflow import MlflowClient
 
 from psydef import tracking
 from psydef.stages import pipeline
+from psydef.stages.config import MainConfig
 from psydef.stages.prepare import load_folds
 
 REPO = Path(__file__).resolve().parents[1]
@@ -100,6 +101,27 @@ def test_main_trains_each_seed_on_its_own_folds_and_a_rerun_with_resume_reuses_t
     version = MlflowClient().get_model_version(tracking.MODEL_NAME, resumed.data.tags[tracking.PIPELINE_MODEL_VERSION])
     assert set(version.tags[tracking.V_TRAIN_RUN_IDS].split(",")) == {t.info.run_id for t in trains}
     assert f"({TAGS[1]}, seed 2, weight" in version.description  # each member named by its spec
+
+    # Under `mlflow run -e tune|register|predict` too, the run `mlflow run` created is the stage's run.
+    from psydef.stages.config import PredictConfig, TuneConfig
+    from psydef.stages.predict import run_predict
+    from psydef.stages.register import register
+    from psydef.stages.tune import run_tune
+
+    tune_config = TuneConfig(members=MainConfig.parse("members", MEMBERS), n_trials=20, inner_trials=8,
+                             sampler="random", n_jobs=1)
+    tune_run = resumed.data.tags[tracking.PIPELINE_TUNE_RUN_ID]
+    launched = {}
+    for stage, call in ((tracking.TUNE, lambda: run_tune(tune_config, experiment_id=experiment_id)),
+                        (tracking.REGISTER, lambda: register(tune_run)),
+                        (tracking.PREDICT, lambda: run_predict(PredictConfig(data_dir=data_dir, out_dir=tmp_path)))):
+        launched[stage] = MlflowClient().create_run(experiment_id).info.run_id
+        monkeypatch.setenv("MLFLOW_RUN_ID", launched[stage])
+        call()
+        assert mlflow.get_run(launched[stage]).data.tags[tracking.STAGE] == stage
+    # tune picked the latest FINISHED train run of each member and seed: the four of main
+    picked = mlflow.get_run(launched[tracking.TUNE]).data.tags[tracking.MEMBER_RUN_IDS].split(",")
+    assert sorted(picked) == sorted(t.info.run_id for t in trains)
 
 
 def _mlflow_run(entry_point: str, uri: str, cwd: Path, **params) -> subprocess.CompletedProcess:
