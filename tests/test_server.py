@@ -59,7 +59,7 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
         for run in runs:
             by_stage[run.data.tags.get(tracking.STAGE)].append(run)
         assert {stage: len(rs) for stage, rs in by_stage.items()} == {
-            tracking.PIPELINE: 1, tracking.PREPARE: 1, tracking.TRAIN: len(SEEDS), tracking.FOLD_RUN: len(SEEDS) * N_FOLDS,
+            tracking.PIPELINE: 1, tracking.PREPARE: len(SEEDS), tracking.TRAIN: len(SEEDS), tracking.FOLD_RUN: len(SEEDS) * N_FOLDS,
             tracking.TUNE: 1, tracking.REGISTER: 1, tracking.PROMOTE: 1, tracking.PREDICT: 1}
         assert {run.info.status for run in runs} == {"FINISHED"}
         pipeline = by_stage[tracking.PIPELINE][0]
