@@ -277,7 +277,9 @@ class PrepareConfig(Settings):
 class TrainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir")
     seed: int = setting(42, "Training seed.")
-    prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: run prepare first).")
+    prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: the latest FINISHED prepare "
+                                               "run of the same data and seed, else a prepare nested under the "
+                                               "train run).")
     backbone: str = setting("auto", "auto = qwen3-8b-qlora when CUDA is available, else minilm.",
                             choices="psydef.backbones:CHOICES")
     model: str | None = setting(None, "HF id or local path of the LLM backbone's base model (default: the backbone's).")
