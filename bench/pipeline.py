@@ -48,7 +48,7 @@ def main():
         tracking.configure(uri, "psydef")
         runs = mlflow.search_runs(experiment_names=["psydef"], output_format="list",
                                   order_by=["attributes.start_time ASC"])
-    print(f"main on {data_dir} (seeds {args.seeds}, backbone auto -> CPU {CPU_DEFAULT}, "
+    print(f"main on {data_dir} (seeds {args.seeds}, members auto -> CPU {CPU_DEFAULT}, "
           f"embedding cache {'warm' if args.warm_cache else 'cold'}), {os.cpu_count()} CPUs, "
           f"load average at the end {os.getloadavg()[0]:.1f}")
     for run in runs:
@@ -60,7 +60,8 @@ def main():
     for run in runs:
         metrics, stage = run.data.metrics, run.data.tags.get(tracking.STAGE)
         if stage == tracking.TRAIN:
-            print(f"  train seed {run.data.tags[tracking.SEED]}: OOF macro-F1 (1..8) {metrics['oof_macro_f1']:.4f}")
+            print(f"  train {tracking.member_of(run)} seed {run.data.tags[tracking.SEED]}: OOF macro-F1 (1..8) "
+                  f"{metrics['oof_macro_f1']:.4f}")
         if stage == tracking.TUNE:
             print(f"  tune: OOF macro-F1 (1..8) raw blend {metrics['oof_macro_f1_raw']:.4f}, calibrated in-sample "
                   f"{metrics['oof_macro_f1_calibrated']:.4f}, estimated on unseen rows {metrics['oof_macro_f1_estimated']:.4f}")

@@ -8,7 +8,7 @@ Nothing is pickled. The model carries:
   member]}``; YAML (the MLmodel file) round-trips Python floats exactly, so the weights, ``delta``
   and ``tau7`` are those tune wrote;
 * ``artifacts``: the members' fold adapter folders (``Backbone.save``), one key per distinct folder:
-  byte-identical folders (two seeds of the CPU default, which ignores the seed) are logged once, under
+  byte-identical folders (one training listed in two members) are logged once, under
   the key of the first, and every member that has one names that key;
 * ``code_paths``: the ``psydef`` package as it was when the model was logged.
 

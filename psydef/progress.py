@@ -23,12 +23,13 @@ class _Plan:
     started: list[float] = []
 
 
-def plan_main(*, seeds: int, n_splits: int, backbone: str, n_trials: int, inner_trials: int) -> None:
+def plan_main(*, trainings: int, n_splits: int, members: list[str], n_trials: int, inner_trials: int) -> None:
     """The work of ``main``, printed before it starts; the time estimate follows from the first fold."""
-    _Plan.total_folds, _Plan.started = seeds * n_splits, []
-    banner(f"main: prepare, then train {seeds} seed(s) x {n_splits} folds ({backbone}), tune ({n_trials:,} trials "
-           f"+ a gain estimate rerunning the search with {inner_trials:,} trials per split), register, promote, "
-           "predict. Training takes most of the time; once the first fold is done each fold's banner estimates the rest")
+    _Plan.total_folds, _Plan.started = trainings * n_splits, []
+    banner(f"main: train {trainings} training(s) (member(s) {'; '.join(members)}, each seed on its own folds) x "
+           f"{n_splits} folds, tune ({n_trials:,} trials + a gain estimate rerunning the search with "
+           f"{inner_trials:,} trials per split), register, promote, predict. Training takes most of the time; once "
+           "the first fold is done each fold's banner estimates the rest")
 
 
 def fold_banner(seed: int, fold: int, n_splits: int) -> None:

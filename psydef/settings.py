@@ -50,7 +50,7 @@ def base_type(annotation):
     return annotation, False
 
 
-def _check_value(where: str, kind, value, meta: dict):
+def check_value(where: str, kind, value, meta: dict):
     """``value`` checked against ``kind`` and the bounds and choices in ``meta``; returns it in
     canonical form (a float for an int given to a float setting, a tuple for a list, a Path)."""
     origin = typing.get_origin(kind) or kind
@@ -70,7 +70,7 @@ def _check_value(where: str, kind, value, meta: dict):
         item = typing.get_args(kind)[0]
         ok = isinstance(value, (tuple, list))
         if ok:  # the bounds and choices hold for each item
-            return tuple(_check_value(f"{where} item", item, v, meta) for v in value)
+            return tuple(check_value(f"{where} item", item, v, meta) for v in value)
     elif origin is dict:
         ok = isinstance(value, dict)
     else:
@@ -100,7 +100,7 @@ def check_fields(obj, where) -> None:
         kind, optional = base_type(hints[f.name])
         if value is None and optional:
             continue
-        object.__setattr__(obj, f.name, _check_value(where(f.name), kind, value, f.metadata))
+        object.__setattr__(obj, f.name, check_value(where(f.name), kind, value, f.metadata))
 
 
 class Settings:
@@ -179,12 +179,13 @@ def spell_hyper(hyper: dict) -> str:
     return ",".join(f"{k}={v if isinstance(v, str) else json.dumps(v)}" for k, v in hyper.items())
 
 
-def check_hyper(backbone: str, hyper: dict, options: dict[str, str] | None = None) -> dict:
+def check_hyper(backbone: str, hyper: dict, options: dict[str, str] | None = None, option: str = "--hyper") -> dict:
     """``hyper`` checked against the fields of backbone ``backbone``'s dataclass: names, types, the
     bounds and choices each field declares (:func:`setting`), and the backbone's checks across
     fields (its ``__post_init__``, run on an untrained twin: no model is loaded). Returns ``hyper``
-    in canonical form. ``options`` names the command-line option a key came from when it is not
-    ``--hyper`` (``epochs`` from ``--epochs``), for the messages."""
+    in canonical form. ``option`` names where the values came from (``--hyper``, or a member of
+    ``--members``) and ``options`` the command-line option of a key that came from elsewhere
+    (``epochs`` from ``--epochs``), for the messages."""
     from psydef.backbones import backbone_class
 
     options = options or {}
@@ -192,7 +193,7 @@ def check_hyper(backbone: str, hyper: dict, options: dict[str, str] | None = Non
     known = {f.name: f for f in dataclasses.fields(cls)}
     unknown = sorted(set(hyper) - set(known))
     if unknown:
-        raise ValueError(f"{options.get(unknown[0], '--hyper')}: unknown hyper-parameter(s) {', '.join(unknown)} "
+        raise ValueError(f"{options.get(unknown[0], option)}: unknown hyper-parameter(s) {', '.join(unknown)} "
                          f"for backbone {backbone}; valid: {', '.join(known)}")
     hints = typing.get_type_hints(cls)
     checked = {}
@@ -203,9 +204,9 @@ def check_hyper(backbone: str, hyper: dict, options: dict[str, str] | None = Non
             continue
         if kind is str and not isinstance(value, str):
             value = json.dumps(value)  # a number-like model id, parsed as JSON by parse_hyper
-        checked[key] = _check_value(options.get(key, f"--hyper {key}"), kind, value, known[key].metadata)
+        checked[key] = check_value(options.get(key, f"{option} {key}"), kind, value, known[key].metadata)
     try:
         cls(**checked)
     except ValueError as err:
-        raise ValueError(f"--hyper: {err}") from None
+        raise ValueError(f"{option}: {err}") from None
     return checked

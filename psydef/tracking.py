@@ -28,8 +28,13 @@ DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
 STAGE = "psydef.stage"
 SEED = "psydef.seed"
 BACKBONE = "psydef.backbone"
+MEMBER = "psydef.member"  # a train run's member spec, canonical (psydef.stages.config.member_tag)
 DATA_DIGEST = "psydef.data_digest"
 PREPARE_RUN_ID = "psydef.prepare_run_id"
+# How a new train run got its prepare run, when none was given: nested under it, or reused (FINISHED, same data
+# and settings)
+PREPARE_ORIGIN, PREPARE_NESTED, PREPARE_REUSED = "psydef.prepare_origin", "nested", "reused"
+TRAIN_RUN_ID = "psydef.train_run_id"  # on an aggregate run: the train run it aggregated
 FOLD = "psydef.fold"
 FOLD_STATUS = "psydef.fold_status"  # FOLD_FINISHED only once every fold artifact is logged
 FOLD_FINISHED = "finished"
@@ -52,8 +57,8 @@ HEARTBEAT_PROCESS = "psydef.process"  # who beats, unambiguously: process_identi
 END_REASON = "psydef.end_reason"  # why a run was ended by another process
 
 # Stages (values of the STAGE tag)
-PREPARE, TRAIN, FOLD_RUN, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
-    "prepare", "train", "fold", "tune", "register", "promote", "predict", "pipeline")
+PREPARE, TRAIN, FOLD_RUN, AGGREGATE, TUNE, REGISTER, PROMOTE, PREDICT, PIPELINE = (
+    "prepare", "train", "fold", "aggregate", "tune", "register", "promote", "predict", "pipeline")
 
 # Artifact paths
 FOLDS_CSV = "folds.csv"
@@ -352,9 +357,17 @@ def get_run(run_id: str, stage: str | None = None, *, what: str | None = None):
     return run
 
 
-def train_tags(seed: int, backbone: str, data_digest: str, prepare_run_id: str) -> dict[str, str]:
-    """The tags of a train parent run: what tune, register and a resume look it up by."""
-    return {STAGE: TRAIN, SEED: str(seed), BACKBONE: backbone, DATA_DIGEST: data_digest, PREPARE_RUN_ID: prepare_run_id}
+def train_tags(seed: int, backbone: str, data_digest: str, prepare_run_id: str,
+               member: str | None = None) -> dict[str, str]:
+    """The tags of a train parent run: what tune, register and a resume look it up by. ``member``:
+    the canonical member spec (default: the backbone with its defaults, spelled as its name)."""
+    return {STAGE: TRAIN, SEED: str(seed), BACKBONE: backbone, MEMBER: member or backbone, DATA_DIGEST: data_digest,
+            PREPARE_RUN_ID: prepare_run_id}
+
+
+def member_of(run) -> str:
+    """A train run's member spec: its tag, or its backbone for runs logged before members were tagged."""
+    return run.data.tags.get(MEMBER) or run.data.tags.get(BACKBONE, "")
 
 
 def fold_tags(parent_run_id: str, fold: int, **train: object) -> dict[str, str]:
@@ -695,16 +708,35 @@ def delete_checkpoints(parent_run_id: str, fold: int) -> None:
         client().delete_tag(run.info.run_id, CHECKPOINT_EPOCH)
 
 
-def find_parent(seed: int, backbone: str, prepare_run_id: str) -> str | None:
-    """The latest train parent run of this seed, backbone and prepare run, if any."""
+def find_parent(seed: int, backbone: str, prepare_run_id: str, member: str | None = None) -> str | None:
+    """The latest train parent run of this seed, member (default: the plain backbone) and prepare run, if any."""
     import mlflow
 
     runs = mlflow.search_runs(
         filter_string=f"tags.`{STAGE}` = '{TRAIN}' and tags.`{SEED}` = '{seed}' "
                       f"and tags.`{BACKBONE}` = '{backbone}' "
                       f"and tags.`{PREPARE_RUN_ID}` = '{prepare_run_id}'",
-        order_by=["attributes.start_time DESC"], max_results=1, output_format="list")
-    return runs[0].info.run_id if runs else None
+        order_by=["attributes.start_time DESC"], output_format="list")
+    return next((run.info.run_id for run in runs if member_of(run) == (member or backbone)), None)
+
+
+def find_finished_run(stage: str, data_digest: str, *, tags: dict[str, str] | None = None,
+                      params: dict[str, str] | None = None, experiment_id: str | None = None):
+    """The latest FINISHED ``stage`` run of the experiment (default: the current one) made from data
+    ``data_digest`` whose tags and params hold the values given (the settings it was made with), or
+    None: the finished work a stage can reuse. Values are compared here, not in the filter string,
+    so any text (a member spec, a path) matches exactly."""
+    import mlflow
+
+    runs = mlflow.search_runs([experiment_id] if experiment_id else None, output_format="list",
+                              filter_string=f"tags.`{STAGE}` = '{stage}' and tags.`{DATA_DIGEST}` = '{data_digest}' "
+                                            "and attributes.status = 'FINISHED'",
+                              order_by=["attributes.start_time DESC"])
+    for run in runs:
+        if all(run.data.tags.get(k) == str(v) for k, v in (tags or {}).items()) and \
+                all(run.data.params.get(k) == str(v) for k, v in (params or {}).items()):
+            return run
+    return None
 
 
 def finished_train_runs(experiment_id: str) -> list:

@@ -65,7 +65,7 @@ DATA_DEFECTS = {
                       r": record 3 \(id '(\w+_00000)'\): duplicate id '\1' \(first seen at record 0\)"),
 }
 # Which split each command reads: main (the whole chain) starts with train.json, predict reads test.json.
-COMMANDS = {"main": ("train.json", ["--seeds", "5", "--backbone", "minilm"]), "predict": ("test.json", [])}
+COMMANDS = {"main": ("train.json", ["--seeds", "5", "--members", "minilm"]), "predict": ("test.json", [])}
 
 
 @pytest.fixture(scope="module")

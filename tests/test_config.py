@@ -19,7 +19,8 @@ from mlflow import MlflowClient
 
 from psydef.cli import ENTRY_POINTS, cli
 from psydef.settings import base_type, option_name
-from psydef.stages.config import MainConfig, PredictConfig, PrepareConfig, PromoteConfig, TrainConfig, TuneConfig
+from psydef.stages.config import (MainConfig, MemberSpec, PredictConfig, PrepareConfig, PromoteConfig, TrainConfig,
+                                  TuneConfig)
 
 REPO = Path(__file__).resolve().parents[1]
 MLPROJECT = yaml.safe_load((REPO / "MLproject").read_text())["entry_points"]
@@ -64,11 +65,11 @@ def test_mlproject_parameters_are_the_config_fields_with_their_defaults(entry_po
 
 def test_main_passes_on_the_defaults_of_the_stages_it_runs():
     main = MainConfig()
-    assert main.train(42).backbone_hyper() == TrainConfig().backbone_hyper()
+    assert main.train(42, main.members[0]).backbone_hyper() == TrainConfig().backbone_hyper()
     tune = main.tune([])
     assert (tune.n_trials, tune.inner_trials, tune.n_jobs) == (TuneConfig().n_trials, TuneConfig().inner_trials,
                                                               TuneConfig().n_jobs)
-    assert main.prepare() == PrepareConfig(seed=main.seeds[0])
+    assert [main.prepare(seed) for seed in main.seeds] == [PrepareConfig(seed=seed) for seed in main.seeds]
     assert main.predict().out_dir == PredictConfig().out_dir
     assert main.min_gain == PromoteConfig().min_gain  # the margin main's promote gates with
     assert set(main.params()) == {f.name for f in dataclasses.fields(MainConfig)}  # what the pipeline run logs
@@ -103,8 +104,17 @@ BAD = {  # command line -> what the one-line error must say
     ("promote", "--version", "0"): r"--version: must be >= 1",
     ("main", "--seeds", ""): r"--seeds: give at least one seed",
     ("main", "--seeds", "1,x"): r"--seeds: '1,x' is not a valid comma-separated list of int",
-    ("main", "--backbone", "minilm", "--hyper", "nope=1"): r"unknown hyper-parameter\(s\) nope for backbone minilm",
-    ("main", "--backbone", LLM, "--hyper", "epochs=0"): r"--hyper epochs: must be >= 1",
+    ("main", "--members", "minilm;minilm:nope=1"):
+        r"--members \(member 'minilm:nope=1'\): unknown hyper-parameter\(s\) nope for backbone minilm; valid: ",
+    ("main", "--members", f"minilm;{LLM}:epochs=0"): rf"--members \(member '{LLM}:epochs=0'\) epochs: must be >= 1",
+    ("main", "--members", "minilm;bert:C=1"): r"--members \(member 'bert:C=1'\): must be one of auto, minilm, "
+                                              r"qwen3-8b-qlora; got 'bert'",
+    ("main", "--members", "minilm:combine"): r"--members \(member 'minilm:combine'\): 'combine' is not key=value",
+    ("main", "--members", "minilm;minilm:C=0.5"): r"--members: 'minilm' and 'minilm:C=0.5' are the same member",
+    ("main", "--members", ";"): r"--members: give at least one member",
+    ("main", "--seeds", "1,1"): r"--seeds: a seed is listed twice",
+    ("tune", "--members", "minilm:nope=1"): r"--members \(member 'minilm:nope=1'\): unknown hyper-parameter",
+    ("tune", "--members", "minilm", "--train-runs", "abc"): r"--members picks train runs when --train-runs is not",
     ("main", "--n-trials", "0"): r"--n-trials: must be >= 1",
 }
 
@@ -132,6 +142,22 @@ def test_bad_settings_in_python_name_the_option():
         MainConfig(seeds=("42",))
     assert TrainConfig(backbone=LLM, hyper={"learning_rate": 1}, epochs=2).backbone_hyper() == {"learning_rate": 1.0,
                                                                                                "epochs": 2}
+
+
+def test_a_member_list_parses_into_checked_members_each_with_one_canonical_tag():
+    members = MainConfig.parse("members", f"minilm; minilm:combine=vote,C=1 ;{LLM}:epochs=2")
+    config = MainConfig(members=members)
+    assert [str(m) for m in config.members] == ["minilm", "minilm:combine=vote,C=1.0", f"{LLM}:epochs=2"]
+    assert config.params()["members"] == f"minilm;minilm:combine=vote,C=1.0;{LLM}:epochs=2"  # the pipeline run's
+    # what train runs are tagged and found by: values at their defaults dropped, keys sorted
+    assert [config.train(42, m).member_tag() for m in config.members] == [
+        "minilm", "minilm:C=1.0,combine=vote", f"{LLM}:epochs=2"]
+    assert TrainConfig(backbone="minilm", hyper={"C": 0.5}).member_tag() == "minilm"
+    assert MainConfig.parse("members", "auto") == MainConfig().members == (MemberSpec(),)
+    with pytest.raises(ValueError, match=r"--members \(member 'minilm:foo=1'\): unknown hyper-parameter\(s\) foo"):
+        MainConfig(members=(MemberSpec("minilm"), MemberSpec("minilm", {"foo": 1})))
+    with pytest.raises(ValueError, match=rf"--members \(member '{LLM}:learning_rate=-1'\) learning_rate: must be > 0"):
+        TuneConfig(members=(MemberSpec(LLM, {"learning_rate": -1}),))
 
 
 @pytest.mark.parametrize("argv", [["--help"], *([name, "--help"] for name in ENTRY_POINTS)])

@@ -50,12 +50,8 @@ def test_round_trip_reproduces_logits_and_stores_no_pickle(rows, tmp_path, hyper
 
 def test_same_seed_same_logits_and_augmented_rows_can_be_left_out(rows):
     first = MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows)
-    minilm._FITTED.clear()  # fit again from scratch, not from the in-process memo
-    FrozenEncoder._shared = None  # and read the embeddings back from the disk cache
+    FrozenEncoder._shared = None  # read the embeddings back from the disk cache
     assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows), first)
-    assert len(minilm._FITTED) == 1  # another seed on the same rows reuses the fit: it ignores the seed
-    assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=4).predict_logits(rows), first)
-    assert len(minilm._FITTED) == 1
     marked = rows.assign(is_augmented=np.arange(len(rows)) >= 45)
     without = MiniLMBackbone(**SMALL).fit(marked, seed=3).predict_logits(rows)  # the default leaves them out
     assert np.array_equal(without, MiniLMBackbone(**SMALL).fit(rows.iloc[:45], seed=3).predict_logits(rows))

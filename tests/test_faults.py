@@ -199,8 +199,8 @@ def create_then_die(*args, **kwargs):
     create(*args, **kwargs)
     os.kill(os.getpid(), signal.SIGKILL)
 MlflowClient.create_model_version = create_then_die
-from entrypoints.register import register
-register(sys.argv[1:])
+from psydef.cli import cli
+cli(["register", *sys.argv[1:]])
 """
 
 
@@ -266,11 +266,12 @@ def test_fold_banners_estimate_the_training_left(monkeypatch, capsys):
 
     clock = iter([100.0, 160.0, 220.0])  # folds start a minute apart
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
-    progress.plan_main(seeds=2, n_splits=5, backbone="minilm", n_trials=2000, inner_trials=500)
+    progress.plan_main(trainings=2, n_splits=5, members=["minilm"], n_trials=2000, inner_trials=500)
     for fold in range(3):
         progress.fold_banner(42, fold, 5)
     lines = capsys.readouterr().out.splitlines()
-    assert lines[0].startswith("== main: prepare, then train 2 seed(s) x 5 folds (minilm), tune (2,000 trials")
+    assert lines[0].startswith("== main: train 2 training(s) (member(s) minilm, each seed on its own folds) x 5 folds, "
+                               "tune (2,000 trials")
     assert lines[1:] == ["== train seed 42: fold 1/5",
                          "== train seed 42: fold 2/5 (about 9 min of training left: 1.0 min per fold so far)",
                          "== train seed 42: fold 3/5 (about 8 min of training left: 1.0 min per fold so far)"]

@@ -63,8 +63,8 @@ def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tra
         _loads_during(monkeypatch, pipeline, stage, count_base_loads, counts)
     out = tmp_path / "out"
     result = CliRunner().invoke(cli, [
-        "main", "--data-dir", str(small_data_dir), "--seeds", ",".join(map(str, SEEDS)), "--backbone", "qwen3-8b-qlora",
-        "--model", str(tiny_qwen3_dir), "--hyper", ",".join(f"{k}={json.dumps(v)}" for k, v in HYPER.items()),
+        "main", "--data-dir", str(small_data_dir), "--seeds", ",".join(map(str, SEEDS)), "--members",
+        "qwen3-8b-qlora:" + ",".join(f"{k}={json.dumps(v)}" for k, v in {"model": str(tiny_qwen3_dir), **HYPER}.items()),
         "--n-trials", "30", "--inner-trials", "10", "--sampler", "random", "--out-dir", str(out)])
     assert result.exit_code == 0, f"{result.output[-5000:]}\n{result.exception!r}"
 
@@ -75,7 +75,9 @@ def test_main_on_the_llm_backbone_then_serve(small_data_dir, tiny_qwen3_dir, tra
     assert counts["run_register"] <= 1 and counts["run_promote"] == 1 and counts["run_predict"] == 1, counts
     version = mlflow.MlflowClient().get_model_version_by_alias(tracking.MODEL_NAME, tracking.PRODUCTION)
     assert version.tags[tracking.V_BACKBONE] == "qwen3-8b-qlora"
-    assert len(version.tags[tracking.V_TRAIN_RUN_IDS].split(",")) == len(SEEDS)
+    members = [mlflow.get_run(run_id) for run_id in version.tags[tracking.V_TRAIN_RUN_IDS].split(",")]
+    assert sorted(int(m.data.tags[tracking.SEED]) for m in members) == list(SEEDS)
+    assert len({m.data.tags[tracking.PREPARE_RUN_ID] for m in members}) == len(SEEDS)  # each seed on its own folds
 
     test_ids = [r["id"] for r in json.loads((small_data_dir / "test.json").read_text())]
     predicted = json.loads((out / tracking.PREDICTION_JSON).read_text())

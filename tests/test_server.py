@@ -18,7 +18,7 @@ from tests.fixtures.server import REPO, clean_env, group_cmdlines, tail, mlflow_
 SEEDS = (1, 2)
 N_FOLDS = 5
 # The smallest settings that still run every stage: two seeds, 5 folds each, a nested tune.
-CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--backbone", "minilm", "--hyper", "char_ngrams=false,max_length=32",
+CHAIN_ARGS = ["--seeds", ",".join(map(str, SEEDS)), "--members", "minilm:char_ngrams=false,max_length=32",
               "--n-trials", "60", "--inner-trials", "20"]
 CHAIN_TIMEOUT = 600
 
@@ -59,7 +59,7 @@ def test_main_chain_through_tracking_server(server_store, data_dir, tmp_path):
         for run in runs:
             by_stage[run.data.tags.get(tracking.STAGE)].append(run)
         assert {stage: len(rs) for stage, rs in by_stage.items()} == {
-            tracking.PIPELINE: 1, tracking.PREPARE: 1, tracking.TRAIN: len(SEEDS), tracking.FOLD_RUN: len(SEEDS) * N_FOLDS,
+            tracking.PIPELINE: 1, tracking.PREPARE: len(SEEDS), tracking.TRAIN: len(SEEDS), tracking.FOLD_RUN: len(SEEDS) * N_FOLDS,
             tracking.TUNE: 1, tracking.REGISTER: 1, tracking.PROMOTE: 1, tracking.PREDICT: 1}
         assert {run.info.status for run in runs} == {"FINISHED"}
         pipeline = by_stage[tracking.PIPELINE][0]

@@ -44,9 +44,11 @@ def prepared(data_dir, tracking_uri):
 def test_train_logs_fold_runs_and_parent_oof(train, prepared, tmp_path):
     parent_id = train(seed=5)
     parent = mlflow.get_run(parent_id)
-    assert parent.info.status == "FINISHED" and parent.info.run_name == "train seed=5 minilm"
+    member = "minilm:char_ngrams=false,max_length=32"  # FAST, canonical
+    assert parent.info.status == "FINISHED" and parent.info.run_name == f"train seed=5 {member}"
     tags = parent.data.tags
     assert (tags[tracking.STAGE], tags[tracking.SEED], tags[tracking.BACKBONE]) == ("train", "5", "minilm")
+    assert tags[tracking.MEMBER] == member
     assert tags[tracking.DATA_DIGEST] == prepared.digest and tags[tracking.PREPARE_RUN_ID] == prepared.run_id
 
     folds = tracking.fold_runs(parent_id)
@@ -138,3 +140,15 @@ def test_bad_input_fails_cleanly(train):
         train(seed=5, fold=9)
     # Nothing half-made for later steps: neither check left a train run behind.
     assert not mlflow.search_runs(filter_string=f"tags.`{tracking.STAGE}` = 'train'", output_format="list")
+
+
+def test_aggregate_refuses_fold_runs_whose_oof_rows_are_not_their_folds(train, data_dir):
+    """Each OOF row must come from the fold model that never saw it: fold runs trained on one partition
+    do not aggregate on another's folds."""
+    from psydef.stages.train import aggregate
+
+    parent_id = train(seed=5)
+    other = run_prepare(PrepareConfig(data_dir=data_dir, seed=6))  # another partition of the same records
+    with pytest.raises(ValueError, match=rf"fold run \w+ \(fold 0 of train run {parent_id}\): its OOF ids are not the "
+                                         rf"real records of fold 0 of prepare run {other.run_id} \(\d+ of fold 0's"):
+        aggregate(parent_id, other)

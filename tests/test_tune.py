@@ -18,7 +18,7 @@ from psydef.calibration.score import macro_f1
 from psydef.calibration.storage import load_study
 from psydef.calibration.study import interactive_plots
 from psydef.stages import tune as tune_stage
-from psydef.stages.config import TuneConfig
+from psydef.stages.config import MemberSpec, TuneConfig
 from psydef.stages.tune import load_oof, pick_train_runs
 from tests.fixtures.fake_runs import Store
 
@@ -65,7 +65,7 @@ def chosen_f1(run):
     return run.data.metrics[tracking.CALIBRATED_F1 if calibrated else tracking.RAW_F1]
 
 
-def test_auto_pick_takes_the_latest_finished_run_of_each_seed_sharing_digest_and_backbone(store, capsys):
+def test_auto_pick_takes_the_latest_finished_run_of_each_member_and_seed_sharing_the_data_digest(store, capsys):
     prep = store.prepare()
     store.train(prep, 1)  # superseded by the newer seed-1 run
     seed_2 = store.train(prep, 2)
@@ -75,10 +75,37 @@ def test_auto_pick_takes_the_latest_finished_run_of_each_seed_sharing_digest_and
     store.train(prep, 5, status="FAILED")
     store.train(prep, 6, status="RUNNING")
     assert [r.info.run_id for r in pick_train_runs(store.experiment_id)] == [seed_1, seed_2]
-    assert f"{seed_1} (seed 1), {seed_2} (seed 2)" in capsys.readouterr().out
+    assert f"{seed_1} (minilm, seed 1), {seed_2} (minilm, seed 2)" in capsys.readouterr().out
 
-    store.train(prep, 3, backbone="qwen3-8b-qlora")  # now the newest: its digest and backbone decide
+    vote = store.train(store.prepare(partition=1), 1, member="minilm:combine=vote")  # another member, other folds
+    assert [r.info.run_id for r in pick_train_runs(store.experiment_id)] == [vote]  # the newest's member decides
+    both = (MemberSpec("minilm"), MemberSpec("minilm", {"combine": "vote"}))
+    assert [r.info.run_id for r in pick_train_runs(store.experiment_id, both)] == [vote, seed_1, seed_2]
+    with pytest.raises(ValueError, match=r"no FINISHED train run of member\(s\) minilm:C=2.0 with data digest digest-a"):
+        pick_train_runs(store.experiment_id, (MemberSpec("minilm", {"C": 2.0}), MemberSpec("minilm")))
+
+    store.train(prep, 3, backbone="qwen3-8b-qlora")  # now the newest: its digest and member decide
     assert [r.data.tags[tracking.SEED] for r in pick_train_runs(store.experiment_id)] == ["3"]
+
+
+def test_tune_blends_members_of_different_fold_partitions_aligned_by_record_id(store):
+    """Two members of one data digest on two prepare runs whose folds differ, each with its OOF rows in its
+    own order: the plain blend tune logs is the equal-weight blend of the rows matched by record id."""
+    from psydef.calibration.rule import softmax
+
+    first, second = store.prepare(), store.prepare(partition=7)
+    folds = [tune_stage.load_folds(p).set_index("id")["fold"] for p in (first, second)]
+    assert (folds[0] != folds[1].loc[folds[0].index]).any()  # two partitions
+    members = [store.train(first, 1), store.train(second, 2, member="minilm:combine=vote")]
+    tune_id = run_tune(members, **FAST)
+    by_id = []
+    for run_id in members:
+        ids = mlflow.artifacts.load_dict(tracking.artifact_uri(run_id, tracking.OOF_IDS))
+        by_id.append(pd.DataFrame(tracking.load_npy(run_id, tracking.OOF_LOGITS), index=ids).loc[store.ids].to_numpy())
+    assert [m["member"] for m in mlflow.artifacts.load_dict(
+        tracking.artifact_uri(tune_id, tracking.ENSEMBLE_JSON))["members"]] == ["minilm", "minilm:combine=vote"]
+    plain = np.mean([softmax(logits.astype(np.float64)) for logits in by_id], axis=0).argmax(1)
+    assert mlflow.get_run(tune_id).data.metrics[tracking.RAW_F1] == pytest.approx(macro_f1(store.y, plain), abs=1e-12)
 
 
 def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibrated_f1(store, capsys):

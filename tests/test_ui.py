@@ -117,7 +117,10 @@ def test_the_ui_shows_runs_their_differences_and_the_production_version(small_ch
         # the browser's last choice), not from the experiment's kind tag: the link psydef prints names it.
         runs_page = render(tracking.ui_runs_url(uri, experiment.experiment_id), shots / "1-runs.png", profile)
         assert "Runs" in runs_page
-        assert {f"train seed={seed} minilm" for seed in CONTEXT_TURNS} <= set(runs_page), runs_page[:200]
+        names = {client.get_run(run_id).info.run_name for run_id in train_runs}  # train seed=S <member spec>
+        assert names == {f"train seed={seed} minilm:char_ngrams=false,context_turns={turns},max_length=32"
+                         for seed, turns in CONTEXT_TURNS.items()}
+        assert names <= set(runs_page), runs_page[:200]
         digest = client.get_run(train_runs[0]).data.tags[tracking.DATA_DIGEST]
         datasets = [node for node in runs_page if node.startswith("psydefconv-train")]  # the Dataset column
         assert len(datasets) == 3 and all(digest[:8] in node for node in datasets), datasets  # prepare + 2 trains

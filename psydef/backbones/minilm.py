@@ -23,7 +23,6 @@ log-probabilities. Everything trained is stored as safetensors (coefficients, in
 """
 from __future__ import annotations
 
-import hashlib
 import json
 import re
 from dataclasses import dataclass, fields
@@ -48,9 +47,6 @@ ENCODER_MAX_LENGTH = 512  # all-MiniLM-L6-v2's position embeddings
 MIN_ENCODER_LENGTH = 3  # [CLS], one token of text, [SEP]
 MISSING_CLASS_LOGIT = -30.0  # a level absent from the training rows: never predicted
 _WORD = re.compile(r"\w+")
-# (config, training rows) -> fitted (vectorizers, members, training loss). The fit does not depend on the
-# seed, so a second seed on the same folds in the same process (``main``) reuses the first seed's fits.
-_FITTED: dict[str, tuple[dict, dict, float]] = {}
 
 
 def previous_turn(dialogue: list[dict]) -> str:
@@ -194,11 +190,7 @@ class MiniLMBackbone(Backbone):
         ``checkpoint`` is unused: one solve leaves nothing to resume."""
         if not self.use_augmented and "is_augmented" in train:
             train = train[~train["is_augmented"].astype(bool)]
-        key = hashlib.sha256(json.dumps([self.config(), list(train["id"]), train["label"].astype(int).tolist(),
-                                         list(train["current_text"]), list(train["dialogue"])]).encode()).hexdigest()
-        if key not in _FITTED:
-            _FITTED[key] = self._fit(train)
-        self.vectorizers, self.members, train_loss = _FITTED[key]
+        self.vectorizers, self.members, train_loss = self._fit(train)
         if on_epoch is not None:
             on_epoch(1, train_loss, None if valid is None else self.predict_logits(valid))
         return self

@@ -73,3 +73,15 @@ def split_fold(folds: pd.DataFrame, k: int) -> tuple[pd.DataFrame, pd.DataFrame]
     train = folds[folds["fold"] != k]
     valid = folds[(folds["fold"] == k) & ~folds["is_augmented"]]
     return train, valid
+
+
+def oof_fold_mismatch(folds: pd.DataFrame, k: int, oof_ids: list[str]) -> str | None:
+    """Why ``oof_ids`` are not exactly the real records of fold ``k`` (each once), or None when they
+    are: then fold k's model, trained on the other folds' rows (variants follow their source, see
+    :func:`check_no_leakage`), never saw these records nor their variants."""
+    expected = set(folds.loc[(folds["fold"] == k) & ~folds["is_augmented"].astype(bool), "id"])
+    got = set(oof_ids)
+    if got == expected and len(got) == len(oof_ids):
+        return None
+    return (f"{len(expected - got)} of fold {k}'s records missing, {len(got - expected)} ids from other folds or "
+            f"unknown, {len(oof_ids) - len(got)} repeated")

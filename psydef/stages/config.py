@@ -9,14 +9,71 @@ setting fails here, before any data is read or any run is created, with the opti
 Nothing heavy is imported at module level: ``psydef --help`` reads these classes.
 """
 import dataclasses
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from psydef import tracking
-from psydef.settings import Settings, check_hyper, option_name, parse_hyper, setting, spell_hyper
+from psydef.settings import Settings, check_hyper, check_value, option_name, parse_hyper, setting, spell_hyper
 
 DATA_DIR = Path("data/psydefconv")
 MAX_SEED = 2**32 - 1  # numpy's RandomState (sklearn's folds, Optuna's samplers) takes seeds in [0, 2**32)
+
+
+# ------------------------------------------------------------------------------------------------
+# Ensemble members: ``backbone`` or ``backbone:key=value,...``, several joined by ``;``
+
+
+@dataclass(frozen=True)
+class MemberSpec:
+    """One member of an ensemble by design: a backbone and its hyper-parameters (``hyper`` as
+    :func:`parse_hyper` gives it); each member is trained once per seed."""
+    backbone: str = "auto"
+    hyper: dict = field(default_factory=dict)
+
+    def __str__(self) -> str:
+        """As given: ``backbone`` or ``backbone:key=value,...``."""
+        return self.backbone + (f":{spell_hyper(self.hyper)}" if self.hyper else "")
+
+    def checked(self, option: str = "--members") -> "MemberSpec":
+        """The backbone checked against the choices and ``hyper`` against its fields (what
+        :func:`check_hyper` does for ``--hyper``), the messages naming ``option`` and this member."""
+        where = f"{option} (member {str(self)!r})"
+        check_value(where, str, self.backbone, {"choices": "psydef.backbones:CHOICES"})
+        from psydef.backbones import resolve_backbone_name
+
+        return MemberSpec(self.backbone, check_hyper(resolve_backbone_name(self.backbone), self.hyper, option=where))
+
+
+def member_tag(backbone: str, hyper: dict) -> str:
+    """The canonical spelling of a trained member, what its train runs are tagged and found by: the
+    resolved backbone, then the checked hyper-parameters that differ from the backbone's defaults,
+    sorted by name (``minilm:C=0.5`` and ``minilm`` are one member)."""
+    from psydef.backbones import backbone_class
+
+    defaults = {f.name: f.default for f in dataclasses.fields(backbone_class(backbone))
+                if f.default is not dataclasses.MISSING}
+    differ = {k: hyper[k] for k in sorted(hyper) if k not in defaults or hyper[k] != defaults[k]}
+    return backbone + (f":{spell_hyper(differ)}" if differ else "")
+
+
+def parse_members(text: str) -> tuple[MemberSpec, ...]:
+    """``backbone[:key=value,...];...`` -> the member specs (their values are checked by the config)."""
+    members = []
+    for item in filter(None, (part.strip() for part in text.split(";"))):
+        backbone, _, hyper = item.partition(":")
+        try:
+            members.append(MemberSpec(backbone.strip(), parse_hyper(hyper)))
+        except ValueError as err:
+            raise ValueError(f"--members (member {item!r}): {str(err).removeprefix('--hyper: ')}") from None
+    return tuple(members)
+
+
+def spell_members(members: tuple[MemberSpec, ...]) -> str:
+    return ";".join(map(str, members))
+
+
+# ------------------------------------------------------------------------------------------------
+# The stages
 
 
 def _like(config: type, name: str, **changes):
@@ -47,7 +104,9 @@ class PrepareConfig(Settings):
 class TrainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir")
     seed: int = setting(42, "Training seed.", ge=0, le=MAX_SEED)
-    prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: run prepare first).")
+    prepare_run_id: str | None = setting(None, "Use this prepare run's folds (default: the latest FINISHED prepare "
+                                               "run of the same data and seed, else a prepare nested under the "
+                                               "train run).")
     backbone: str = setting("auto", "auto = qwen3-8b-qlora when CUDA is available, else minilm.",
                             choices="psydef.backbones:CHOICES")
     model: str | None = setting(None, "HF id or local path of the LLM backbone's base model (default: the backbone's).")
@@ -85,6 +144,10 @@ class TrainConfig(Settings):
         # each of --epochs, --learning-rate, --model named by its own option in the messages
         return check_hyper(name, {**self.hyper, **extra}, options={key: option_name(key) for key in extra})
 
+    def member_tag(self) -> str:
+        """The member this training is (:func:`member_tag`): what tune and a resumed ``main`` find it by."""
+        return member_tag(self.backbone_name(), self.backbone_hyper())
+
 
 @dataclass(frozen=True)
 class AggregateConfig(Settings):
@@ -97,8 +160,11 @@ class AggregateConfig(Settings):
 @dataclass(frozen=True)
 class TuneConfig(Settings):
     train_runs: tuple[str, ...] = setting((), "Comma-separated train (parent) run ids; default: the latest FINISHED "
-                                              "train run of each seed sharing the newest one's data digest and "
-                                              "backbone.")
+                                              "train run of each member and seed (see --members) sharing the "
+                                              "newest one's data digest.")
+    members: tuple[MemberSpec, ...] = setting((), "Without --train-runs: the members to pick train runs of, as "
+                                                  "main's --members; default: the newest train run's member.",
+                                              parse=parse_members, spell=spell_members)
     n_trials: int = setting(2000, "Complete trials the study should hold (a stored study is resumed up to this "
                                   "total).", ge=1)
     sampler: str = setting("tpe", "Optuna sampler.", choices="psydef.calibration:SAMPLERS")
@@ -116,6 +182,9 @@ class TuneConfig(Settings):
     def check(self) -> None:
         if self.n_jobs == 0:
             raise ValueError("--n-jobs: 0 processes cannot run anything; give -1 (one per CPU) or a count >= 1")
+        if self.train_runs and self.members:
+            raise ValueError("--members picks train runs when --train-runs is not given: give one of them")
+        object.__setattr__(self, "members", _checked_members(self.members))
 
 
 @dataclass(frozen=True)
@@ -148,11 +217,15 @@ class PredictConfig(Settings):
 @dataclass(frozen=True)
 class MainConfig(Settings):
     data_dir: Path = _like(PrepareConfig, "data_dir", help="Folder with train.json and test.json.")
-    seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated training seeds (the first also prepares "
-                                                     "and tunes).", ge=0, le=MAX_SEED)
-    backbone: str = _like(TrainConfig, "backbone")
-    model: str | None = _like(TrainConfig, "model")
-    hyper: dict = _like(TrainConfig, "hyper")
+    seeds: tuple[int, ...] = setting((42, 20260407), "Comma-separated seeds: each prepares its own fold partition, "
+                                                     "on which every member is trained (the first also tunes).",
+                                     ge=0, le=MAX_SEED)
+    members: tuple[MemberSpec, ...] = setting(
+        (MemberSpec(),), "Ensemble members, each trained for each seed: backbone[:key=value,...] joined by ';' "
+                         "(e.g. 'minilm;minilm:combine=vote'); the backbone's hyper-parameters as in train --hyper.",
+        parse=parse_members, spell=spell_members)
+    resume: bool = setting(False, "true: reuse the FINISHED prepare and train runs of the same data, seeds, members "
+                                  "and settings (a rerun after a failure trains only what is missing).")
     n_trials: int = _like(TuneConfig, "n_trials")
     inner_trials: int = _like(TuneConfig, "inner_trials")
     n_jobs: int = _like(TuneConfig, "n_jobs")
@@ -165,16 +238,22 @@ class MainConfig(Settings):
     def check(self) -> None:
         if not self.seeds:
             raise ValueError("--seeds: give at least one seed")
+        if len(set(self.seeds)) != len(self.seeds):
+            raise ValueError(f"--seeds: a seed is listed twice in {','.join(map(str, self.seeds))}")
+        if not self.members:
+            raise ValueError("--members: give at least one member")
+        object.__setattr__(self, "members", _checked_members(self.members))
         for seed in self.seeds:  # every train and tune setting checked before anything runs
-            self.train(seed)
+            for member in self.members:
+                self.train(seed, member)
         self.tune([])
 
-    def prepare(self) -> PrepareConfig:
-        return PrepareConfig(data_dir=self.data_dir, seed=self.seeds[0])
+    def prepare(self, seed: int) -> PrepareConfig:
+        return PrepareConfig(data_dir=self.data_dir, seed=seed)
 
-    def train(self, seed: int, prepare_run_id: str | None = None) -> TrainConfig:
-        return TrainConfig(data_dir=self.data_dir, seed=seed, prepare_run_id=prepare_run_id, backbone=self.backbone,
-                           model=self.model, hyper=self.hyper)
+    def train(self, seed: int, member: MemberSpec, prepare_run_id: str | None = None) -> TrainConfig:
+        return TrainConfig(data_dir=self.data_dir, seed=seed, prepare_run_id=prepare_run_id, backbone=member.backbone,
+                           hyper=member.hyper)
 
     def tune(self, train_runs: list[str]) -> TuneConfig:
         return TuneConfig(train_runs=tuple(train_runs), n_trials=self.n_trials, sampler=self.sampler, gate=self.gate,
@@ -184,8 +263,23 @@ class MainConfig(Settings):
         return RegisterConfig(tune_run=tune_run, name=self.model_name)
 
     def promote(self, version: int) -> PromoteConfig:
-        return PromoteConfig(version=version, name=self.model_name)
+        return PromoteConfig(version=version, name=self.model_name, min_gain=self.min_gain)
 
     def predict(self) -> PredictConfig:
         return PredictConfig(data_dir=self.data_dir, out_dir=self.out_dir,
                              model_uri=tracking.registered_model_uri(self.model_name, alias=tracking.PRODUCTION))
+
+
+def _checked_members(members: tuple[MemberSpec, ...]) -> tuple[MemberSpec, ...]:
+    """Each member checked (:meth:`MemberSpec.checked`); two that are one member (same backbone here,
+    same values) are refused."""
+    from psydef.backbones import resolve_backbone_name
+
+    checked = tuple(member.checked() for member in members)
+    seen: dict[str, MemberSpec] = {}
+    for given, member in zip(members, checked):
+        tag = member_tag(resolve_backbone_name(member.backbone), member.hyper)
+        if tag in seen:
+            raise ValueError(f"--members: {str(seen[tag])!r} and {str(given)!r} are the same member ({tag})")
+        seen[tag] = given
+    return checked

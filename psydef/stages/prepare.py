@@ -1,7 +1,7 @@
 """The ``prepare`` stage: validate the data, augment minority targets, assign folds, log it all.
 
 Later stages read the folds (``folds.csv``) and the augmented variants (``augmented.json``) from this
-run by its id, so every seed and backbone trains on exactly the same split."""
+run by its id: every member trained for a seed trains on that seed's split (another seed, another split)."""
 from __future__ import annotations
 
 import tempfile
@@ -59,8 +59,7 @@ def run_prepare(config: PrepareConfig) -> Prepared:
         if test is not None:
             tracking.log_dataset(test.drop(columns=["dialogue", "label"]), data_dir / "test.json",
                                  name="psydefconv-test", digest=dataset_digest(test), context="test")
-        tracking.log_new_params({**config.params(), "augment_levels": ",".join(map(str, MINORITY_LEVELS)),
-                                 "augment_k": VARIANTS_PER_SOURCE})
+        tracking.log_new_params({**config.params(), **settings_params(config)})
         mlflow.log_metrics({"n_records": len(train), "n_dialogues": train["dialogue_id"].nunique(),
                             "n_augmented": len(augmented), "n_test_records": 0 if test is None else len(test),
                             "leaked_dialogues": leaked_dialogues(folds)})
@@ -81,6 +80,23 @@ def run_prepare(config: PrepareConfig) -> Prepared:
                           f"{leaked_dialogues(folds)} dialogues split across folds. Train runs read "
                           f"{tracking.FOLDS_CSV} and {tracking.AUGMENTED_JSON} from this run.")
     return Prepared(run.info.run_id, train, augmented, folds, test, digest)
+
+
+def settings_params(config: PrepareConfig) -> dict[str, str]:
+    """The params of a prepare run that decide its folds and variants: its settings but the data folder
+    (the data digest stands for the data) and the augmentation's constants."""
+    return {**{k: v for k, v in config.params().items() if k != "data_dir"},
+            "augment_levels": ",".join(map(str, MINORITY_LEVELS)), "augment_k": str(VARIANTS_PER_SOURCE)}
+
+
+def find_prepared(config: PrepareConfig) -> Prepared | None:
+    """The latest FINISHED prepare run of the data in ``config.data_dir`` with the same settings
+    (:func:`settings_params`), loaded as :func:`load_prepared` does; None when there is none. Its folds
+    are those :func:`run_prepare` would make again (the fold assignment and the augmentation are
+    seeded)."""
+    train, _ = read_data_dir(config.data_dir)
+    run = tracking.find_finished_run(tracking.PREPARE, dataset_digest(train), params=settings_params(config))
+    return None if run is None else load_prepared(run.info.run_id, config.data_dir)
 
 
 def load_folds(run_id: str) -> pd.DataFrame:

@@ -99,8 +99,8 @@ def _description(spec: EnsembleSpec, members: list, tags: dict, metrics: dict, n
     rule = (f"calibrated rule (tune estimated a positive gain on unseen rows): per-level biases delta, level-7 gate "
             f"tau7 {'off' if spec.tau7 is None else f'{spec.tau7:.3f}'}" if choice == tracking.CALIBRATED else
             "plain blend (tune estimated no gain from calibrating on unseen rows): equal weights, plain argmax")
-    listed = ", ".join(f"{m.info.run_id} (seed {m.data.tags.get(tracking.SEED)}, weight {w:.3f})"
-                       for m, w in zip(members, spec.weights))
+    listed = ", ".join(f"{m.info.run_id} ({tracking.member_of(m)}, seed {m.data.tags.get(tracking.SEED)}, weight "
+                       f"{w:.3f})" for m, w in zip(members, spec.weights))
     return (f"Ensemble of {len(members)} member(s), backbone {tags[tracking.V_BACKBONE]}: {listed}; {n_adapters} fold "
             f"adapters. {rule[0].upper() + rule[1:]}, tuned in tune run {tags[tracking.V_TUNE_RUN_ID]}. OOF macro-F1 "
             f"(levels 1..8): estimated on unseen rows {metrics[tracking.GATE_METRIC]:.4f}, which the promote gate "

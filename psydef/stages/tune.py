@@ -24,7 +24,8 @@ from psydef import tracking
 from psydef.calibration.calibrate import calibrate_oof
 from psydef.calibration.study import align_members, interactive_plots
 from psydef.core.metrics import plot_confusion_matrix
-from psydef.stages.config import TuneConfig
+from psydef.backbones import resolve_backbone_name
+from psydef.stages.config import MemberSpec, TuneConfig, member_tag
 from psydef.stages.prepare import load_folds
 
 
@@ -33,6 +34,7 @@ class OOFBundle:
     """The members' OOF logits, aligned on one id order, with the labels and dialogues of those ids."""
     run_ids: list[str]
     backbones: list[str]  # per member
+    members: list[str]  # per member: its spec (tracking.member_of)
     data_digest: str
     ids: list[str]
     logits: list[np.ndarray]  # per member, (n, 9), rows in ``ids`` order
@@ -40,27 +42,34 @@ class OOFBundle:
     groups: np.ndarray  # dialogue ids
 
 
-def pick_train_runs(experiment_id: str) -> list:
-    """The latest FINISHED ``train`` parent run of each seed in experiment ``experiment_id``, among
-    those that share the data digest and backbone of the newest one; newest first."""
+def pick_train_runs(experiment_id: str, members: tuple[MemberSpec, ...] = ()) -> list:
+    """The latest FINISHED ``train`` parent run of each member and seed in experiment ``experiment_id``,
+    newest first: of the members ``members`` (default: the newest train run's member), among the runs
+    that share the data digest of the newest one of them. Members trained on different fold partitions
+    (each seed its own) blend: tune aligns them by record id."""
     experiment = mlflow.get_experiment(experiment_id)
     runs = tracking.finished_train_runs(experiment.experiment_id)
+    wanted = [member_tag(resolve_backbone_name(m.backbone), m.hyper) for m in members]
+    if wanted:
+        runs = [run for run in runs if tracking.member_of(run) in wanted]
     if not runs:
-        raise ValueError(f"no FINISHED train run in experiment {experiment.name!r} of "
-                         f"{tracking.redact_uri(mlflow.get_tracking_uri())}: "
-                         "train first, or pass train_runs=RUN_ID,RUN_ID")
-
-    def digest_and_backbone(run):
-        return run.data.tags.get(tracking.DATA_DIGEST), run.data.tags.get(tracking.BACKBONE)
-
-    latest_per_seed: dict[str, object] = {}
+        what = f" of member(s) {', '.join(wanted)}" if wanted else ""
+        raise ValueError(f"no FINISHED train run{what} in experiment {experiment.name!r} of "
+                         f"{tracking.redact_uri(mlflow.get_tracking_uri())}: train first, or pass train_runs=RUN_ID,RUN_ID")
+    digest = runs[0].data.tags.get(tracking.DATA_DIGEST)
+    wanted = wanted or [tracking.member_of(runs[0])]
+    latest: dict[tuple[str, str], object] = {}
     for run in runs:
-        if digest_and_backbone(run) == digest_and_backbone(runs[0]):
-            latest_per_seed.setdefault(run.data.tags.get(tracking.SEED), run)
-    picked = list(latest_per_seed.values())
-    digest, backbone = digest_and_backbone(runs[0])
-    print(f"tune: picked the latest FINISHED train run of each seed with data digest {digest} and backbone "
-          f"{backbone}: " + ", ".join(f"{r.info.run_id} (seed {r.data.tags.get(tracking.SEED)})" for r in picked))
+        if run.data.tags.get(tracking.DATA_DIGEST) == digest and tracking.member_of(run) in wanted:
+            latest.setdefault((tracking.member_of(run), run.data.tags.get(tracking.SEED)), run)
+    missing = [m for m in wanted if m not in {member for member, _ in latest}]
+    if missing:
+        raise ValueError(f"no FINISHED train run of member(s) {', '.join(missing)} with data digest {digest} (that of "
+                         f"the newest train run of the members asked for) in experiment {experiment.name!r}")
+    picked = list(latest.values())
+    print(f"tune: picked the latest FINISHED train run of each member and seed with data digest {digest}: "
+          + ", ".join(f"{r.info.run_id} ({tracking.member_of(r)}, seed {r.data.tags.get(tracking.SEED)})"
+                      for r in picked))
     return picked
 
 
@@ -119,6 +128,7 @@ def load_oof(run_ids: list[str]) -> OOFBundle:
                          f"{prepare_run_id} (e.g. {unknown[:3]})")
     rows = records.loc[ids]
     return OOFBundle(run_ids=list(run_ids), backbones=[run.data.tags.get(tracking.BACKBONE, "") for run in runs],
+                     members=[tracking.member_of(run) for run in runs],
                      data_digest=digests[run_ids[0]], ids=ids, logits=logits,
                      y=rows["label"].to_numpy(dtype=np.int64), groups=rows["dialogue_id"].to_numpy())
 
@@ -142,12 +152,12 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     storage, study_name, inner_trials = config.storage, config.study_name, config.inner_trials
     if storage:  # an unreachable database fails here in one line, before the members are read
         tracking.probe(storage, setting="--storage (-P storage)", what="Optuna storage")
-    run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id)]
+    run_ids = train_runs or [run.info.run_id for run in pick_train_runs(experiment_id, config.members)]
     oof = load_oof(run_ids)
     study = study_name or default_study_name(run_ids)
     backbone = ",".join(dict.fromkeys(oof.backbones))
     n_dialogues = len(np.unique(oof.groups))
-    print(f"tune: {len(run_ids)} member(s) {run_ids}, backbone {backbone}, data digest {oof.data_digest}: "
+    print(f"tune: {len(run_ids)} member(s) {run_ids} ({', '.join(oof.members)}), data digest {oof.data_digest}: "
           f"{len(oof.ids)} OOF rows from {n_dialogues} dialogues")
     tags = {tracking.DATA_DIGEST: oof.data_digest, tracking.BACKBONE: backbone,
             tracking.MEMBER_RUN_IDS: ",".join(run_ids), tracking.STUDY_NAME: study}
@@ -192,16 +202,16 @@ def _metrics(report) -> dict[str, float]:
 
 
 def _description(report, oof: OOFBundle, choice: str) -> str:
-    return (f"Calibration of {len(oof.run_ids)} member(s) ({', '.join(dict.fromkeys(oof.backbones))}) on "
+    return (f"Calibration of {len(oof.run_ids)} member(s) ({', '.join(dict.fromkeys(oof.members))}) on "
             f"{len(oof.ids)} OOF rows. Chosen rule: {choice}. The {report.reason}. The chosen rule's estimated "
             f"macro-F1 (levels 1..8) on unseen rows, which the promote gate compares: {report.estimated_f1:.4f}.")
 
 
 def _log_artifacts(report, oof: OOFBundle, metrics: dict[str, float]) -> None:
-    """ensemble.json (the chosen rule, each member with its backbone), the trials table and the plots."""
+    """ensemble.json (the chosen rule, each member with its backbone and spec), the trials table and the plots."""
     spec = replace(report.spec, metrics=metrics).to_dict()
-    for member, backbone in zip(spec["members"], oof.backbones):
-        member["backbone"] = backbone  # EnsembleSpec.from_dict keeps run_id and weight only
+    for member, backbone, member_spec in zip(spec["members"], oof.backbones, oof.members):
+        member.update(backbone=backbone, member=member_spec)  # EnsembleSpec.from_dict keeps run_id and weight only
     with tempfile.TemporaryDirectory() as tmp:
         report.trials_dataframe().to_csv(Path(tmp) / tracking.TRIALS_CSV, index=False)
         mlflow.log_artifact(str(Path(tmp) / tracking.TRIALS_CSV))
