@@ -26,6 +26,7 @@ from psydef.backbones.base import Checkpoint
 from psydef.calibration.rule import fold_mean_probs
 from psydef.core.augment import with_provenance
 from psydef.core.folds import oof_fold_mismatch, split_fold
+from psydef.core.labels import ALL_LABELS
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
 from psydef.stages.config import AggregateConfig, PrepareConfig, TrainConfig
 from psydef.stages.prepare import Prepared, find_prepared, load_prepared, run_prepare
@@ -78,10 +79,10 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
         last = {}  # the latest epoch's metrics: one console line per fold, every epoch in MLflow
 
         def on_epoch(epoch: int, loss: float, valid_logits):
-            metrics = {"train_loss": loss}
+            metrics = {tracking.TRAIN_LOSS: loss}
             if valid_logits is not None:
                 scores = evaluate(y_valid, valid_logits.argmax(1))
-                metrics |= {f"val_{name}": scores[name] for name in ("macro_f1", "macro_f1_all", "accuracy")}
+                metrics |= {tracking.VAL_PREFIX + name: scores[name] for name in ("macro_f1", "macro_f1_all", "accuracy")}
             mlflow.log_metrics(metrics, step=epoch)
             last.update(metrics, epoch=epoch)
 
@@ -136,9 +137,9 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
                          f"prepare run {prepared.run_id} once")
     y = prepared.train.set_index("id").loc[ids, "label"].to_numpy()
     scores = evaluate(y, logits.argmax(1))
-    metrics = {"oof_macro_f1": scores["macro_f1"], "oof_macro_f1_all": scores["macro_f1_all"],
-               "oof_accuracy": scores["accuracy"],
-               **{name.replace("f1_level", "oof_f1_level"): v for name, v in scores.items() if name.startswith("f1_level")}}
+    metrics = {tracking.OOF_F1: scores["macro_f1"], tracking.OOF_F1_ALL: scores["macro_f1_all"],
+               tracking.OOF_ACCURACY: scores["accuracy"],
+               **{tracking.OOF_LEVEL_F1.format(level): scores[f"f1_level_{level}"] for level in ALL_LABELS}}
     active = mlflow.active_run()
     reopen = active is None or active.info.run_id != parent_run_id  # a fold job aggregating another's parent
     with mlflow.start_run(run_id=parent_run_id, nested=active is not None) if reopen else nullcontext():
@@ -153,8 +154,8 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
             y, logits.argmax(1), title=f"OOF confusion matrix (macro-F1 1..8 = {scores['macro_f1']:.3f})"),
             tracking.CONFUSION_PLOT)
         tracking.log_figure(plot_per_class_f1(y, logits.argmax(1)), tracking.PER_CLASS_F1_PLOT)
-    summary = (f"OOF macro-F1 (levels 1..8) {metrics['oof_macro_f1']:.4f}, macro-F1 (0..8) "
-               f"{metrics['oof_macro_f1_all']:.4f}, accuracy {metrics['oof_accuracy']:.4f}")
+    summary = (f"OOF macro-F1 (levels 1..8) {metrics[tracking.OOF_F1]:.4f}, macro-F1 (0..8) "
+               f"{metrics[tracking.OOF_F1_ALL]:.4f}, accuracy {metrics[tracking.OOF_ACCURACY]:.4f}")
     parent = tracking.client().get_run(parent_run_id)
     origin = {tracking.PREPARE_NESTED: ", nested under this run",
               tracking.PREPARE_REUSED: ", a FINISHED prepare run of the same data and settings, reused"}.get(
@@ -270,5 +271,5 @@ def run_aggregate(config: AggregateConfig) -> dict[str, float]:
         tracking.log_new_params(config.params())
         metrics = aggregate(config.parent_run_id, prepared)
         tracking.describe(f"Aggregated train run {config.parent_run_id} from its complete fold runs and ended it "
-                          f"FINISHED: OOF macro-F1 (levels 1..8) {metrics['oof_macro_f1']:.4f}.")
+                          f"FINISHED: OOF macro-F1 (levels 1..8) {metrics[tracking.OOF_F1]:.4f}.")
     return metrics
