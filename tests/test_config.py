@@ -207,6 +207,10 @@ BAD_HYPER = {
         ("max_iter=0", r"--hyper max_iter: must be >= 1"),
         ("max_iter=2.5", r"--hyper max_iter: expected int, got 2.5"),
         ("tol=0", r"--hyper tol: must be > 0"),
+        ("encoder=bert", r"--hyper encoder: must be one of minilm, mpnet; got 'bert'"),
+        ("n_bags=0", r"--hyper n_bags: must be >= 1"),
+        ("row_subsample=0", r"--hyper row_subsample: must be > 0"),
+        ("feature_subsample=1.5", r"--hyper feature_subsample: must be <= 1"),
     ],
     "qwen3-8b-qlora": [
         ("max_length=-5", r"--hyper max_length: must be >= 256"),

@@ -17,7 +17,7 @@ SMALL = {"max_length": 32}  # short encoder inputs: the fixtures are short
 def embedding_cache(tmp_path, monkeypatch):
     """Every test gets its own empty on-disk embedding cache and a fresh in-process encoder state."""
     monkeypatch.setenv("PSYDEF_CACHE_DIR", str(tmp_path / "cache"))
-    monkeypatch.setattr(FrozenEncoder, "_shared", None)
+    monkeypatch.setattr(FrozenEncoder, "_shared", {})
     return tmp_path / "cache"
 
 
@@ -50,12 +50,36 @@ def test_round_trip_reproduces_logits_and_stores_no_pickle(rows, tmp_path, hyper
 
 def test_same_seed_same_logits_and_augmented_rows_can_be_left_out(rows):
     first = MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows)
-    FrozenEncoder._shared = None  # read the embeddings back from the disk cache
+    FrozenEncoder._shared = {}  # read the embeddings back from the disk cache
     assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=3).predict_logits(rows), first)
+    # without bagging the fit ignores the seed
+    assert np.array_equal(MiniLMBackbone(**SMALL).fit(rows, seed=4).predict_logits(rows), first)
     marked = rows.assign(is_augmented=np.arange(len(rows)) >= 45)
     without = MiniLMBackbone(**SMALL).fit(marked, seed=3).predict_logits(rows)  # the default leaves them out
     assert np.array_equal(without, MiniLMBackbone(**SMALL).fit(rows.iloc[:45], seed=3).predict_logits(rows))
     assert np.array_equal(MiniLMBackbone(**SMALL, use_augmented=True).fit(marked, seed=3).predict_logits(rows), first)
+
+
+@pytest.mark.parametrize("bagging", [{"row_subsample": 0.7}, {"feature_subsample": 0.5},
+                                     {"n_bags": 3, "row_subsample": 0.8, "combine": "vote"}])
+def test_bagging_draws_by_the_seed(rows, tmp_path, bagging):
+    logits = {seed: MiniLMBackbone(**SMALL, **bagging).fit(rows, seed=seed).predict_logits(rows) for seed in (3, 4)}
+    assert not np.allclose(logits[3], logits[4])  # another seed, another model
+    again = MiniLMBackbone(**SMALL, **bagging).fit(rows, seed=3)
+    assert np.array_equal(again.predict_logits(rows), logits[3])  # one seed, one model
+    assert (logits[3].argmax(1) == rows["label"].to_numpy()).mean() > 0.8  # still learns the toy task
+    assert np.array_equal(load_adapter(again.save(tmp_path / "adapter")).predict_logits(rows), logits[3])
+
+
+def test_bagged_voters_see_their_share_of_each_level_and_of_the_columns():
+    model = MiniLMBackbone(n_bags=2, row_subsample=0.5, feature_subsample=0.25)
+    y = np.repeat([0, 1, 7], [10, 3, 1])
+    rows, columns = model._draw(y, 40, seed=1, bag=0)
+    assert np.bincount(y[rows], minlength=8)[[0, 1, 7]].tolist() == [5, 2, 1]  # at least one row per level
+    assert len(columns) == 10 and len(set(columns)) == 10
+    assert not np.array_equal(columns, model._draw(y, 40, seed=1, bag=1)[1])
+    unbagged = MiniLMBackbone()._draw(y, 40, seed=1, bag=0)
+    assert np.array_equal(unbagged[0], np.arange(14)) and np.array_equal(unbagged[1], np.arange(40))
 
 
 def test_views_read_only_the_turns_before_the_target():
@@ -101,6 +125,19 @@ def test_bad_options_are_refused():
         MiniLMBackbone(combine="average")
     with pytest.raises(ValueError, match="class_weight"):
         MiniLMBackbone(class_weight="sqrt")
+    with pytest.raises(ValueError, match="encoder"):
+        MiniLMBackbone(encoder="bert")
+    for bad in ({"n_bags": 0}, {"row_subsample": 0}, {"feature_subsample": 1.5}):
+        with pytest.raises(ValueError, match="n_bags"):
+            MiniLMBackbone(**bad)
+    from psydef.stages.config import check_hyper
+
+    assert check_hyper("minilm", {"n_bags": 2, "row_subsample": 0.8, "encoder": "mpnet"}) == {
+        "n_bags": 2, "row_subsample": 0.8, "encoder": "mpnet"}
+    for bad, where in (({"n_bags": 0}, "n_bags"), ({"row_subsample": 0.0}, "row_subsample"),
+                       ({"feature_subsample": 2.0}, "feature_subsample"), ({"encoder": "bert"}, "encoder")):
+        with pytest.raises(ValueError, match=where):
+            check_hyper("minilm", bad)
 
 
 def test_cpu_auto_resolves_to_the_linear_default(monkeypatch):
@@ -173,3 +210,47 @@ def test_byte_identical_fold_adapters_are_logged_once_and_predict_once(tracking_
     fold_logits = [model.predict_logits(rows), other.predict_logits(rows)]
     probs = [fold_mean_probs(fold_logits), fold_mean_probs(fold_logits), fold_mean_probs(fold_logits[::-1])]
     np.testing.assert_array_equal(out["label"].to_numpy(), spec.decode_probs(probs))
+
+
+def test_mpnet_weights_are_joined_from_the_extra_parts_once(tmp_path, monkeypatch):
+    import io
+    import zipfile
+    from importlib.metadata import PackageNotFoundError
+
+    from psydef.backbones import encoder
+
+    blob = io.BytesIO()
+    with zipfile.ZipFile(blob, "w") as archive:
+        archive.writestr("all-mpnet-base-v2/config.json", '{"model_type": "mpnet"}')
+        archive.writestr("all-mpnet-base-v2/model.safetensors", b"x" * 1000)
+    data = blob.getvalue()
+    parts = {}
+    for i, name in enumerate(encoder.MPNET_PARTS):  # the zip cut into five parts, as the wheels ship it
+        path = tmp_path / "wheels" / f"part{i}"
+        path.parent.mkdir(exist_ok=True)
+        path.write_bytes(data[i * len(data) // 5:(i + 1) * len(data) // 5])
+        parts[name] = path
+
+    class Installed:
+        def __init__(self, name):
+            self.name = name
+
+        def locate_file(self, relative):
+            assert relative.startswith(f"{self.name[:-4]}_{self.name[-3:]}/input/all-mpnet-base-v2.zip.")
+            return parts[self.name]
+
+    monkeypatch.setattr(encoder, "distribution", Installed)
+    monkeypatch.setattr(encoder, "version", lambda name: "0.0.1")
+    folder = encoder.mpnet_folder(tmp_path / "models")
+    assert folder == tmp_path / "models" / "all-mpnet-base-v2-0.0.1"
+    assert (folder / "model.safetensors").read_bytes() == b"x" * 1000
+    assert sorted(p.name for p in (tmp_path / "models").iterdir()) == [folder.name]  # no temporary left
+    monkeypatch.setattr(encoder, "distribution", None)  # unpacked: the parts are not read again
+    assert encoder.mpnet_folder(tmp_path / "models") == folder
+
+    def missing(name):
+        raise PackageNotFoundError(name)
+
+    monkeypatch.setattr(encoder, "version", missing)
+    with pytest.raises(RuntimeError, match=r"pip install 'psydef\[mpnet\]'"):
+        FrozenEncoder("mpnet")

@@ -9,12 +9,15 @@ Views (each row is one target seeker utterance in its dialogue):
   said so far);
 * two length columns, part of ``target``: how many turns the dialogue has reached and how many words the
   target has (log-scaled, times ``length_weight``; phatic level-0 turns are short, and so on);
-* ``embed``: frozen all-MiniLM-L6-v2 embeddings (:mod:`psydef.backbones.encoder`) of the target
-  (``max_length`` tokens) and, when their lengths are > 0, of the previous turn (``previous_max_length``)
-  and of the context turns (``context_max_length``).
+* ``embed``: frozen sentence embeddings (:mod:`psydef.backbones.encoder`: all-MiniLM-L6-v2, or
+  all-mpnet-base-v2 with ``encoder="mpnet"``) of the target (``max_length`` tokens) and, when their lengths
+  are > 0, of the previous turn (``previous_max_length``) and of the context turns (``context_max_length``).
 
 ``combine="stack"`` fits one ``LogisticRegression`` on all views side by side (the embedding block
 scaled by ``dense_weight``); ``combine="vote"`` fits one per view and averages their probabilities.
+Bagging (``n_bags`` voters per view group, each fitted on ``row_subsample`` of every level's rows and
+``feature_subsample`` of the columns, drawn by the training seed, probabilities averaged) makes two
+seeds on the same rows two different models; without it the fit ignores the seed.
 Classes are weighted ``balanced`` by default; the augmented minority variants are left out of the fit
 unless ``use_augmented`` (they gained nothing on the bench). The defaults are what ``bench/select.py``
 chose by repeated grouped cross-validation in both grouping modes (see the README). The logits are
@@ -35,7 +38,7 @@ from sklearn.feature_extraction.text import TfidfVectorizer
 from sklearn.linear_model import LogisticRegression
 
 from psydef.backbones.base import Backbone, Checkpoint, EpochCallback
-from psydef.backbones.encoder import DIM, FrozenEncoder
+from psydef.backbones.encoder import ENCODERS, FrozenEncoder
 from psydef.core.labels import N_LEVELS
 from psydef.settings import check_fields, setting
 
@@ -109,6 +112,8 @@ class MiniLMBackbone(Backbone):
     max_char_features: int = setting(30000, "Most character n-grams kept.", ge=1)
     context_tfidf: bool = setting(True, "The speaker-tagged TF-IDF view of the context turns.")
     history_tfidf: bool = setting(True, "The TF-IDF view of the earlier seeker turns.")
+    encoder: str = setting("minilm", "Frozen sentence encoder of the embedding views: minilm, or mpnet (the "
+                                     "optional extra psydef[mpnet]).", choices="psydef.backbones.encoder:ENCODERS")
     max_length: int = setting(128, "MiniLM tokens of the target embedding; 0: no MiniLM views.", ge=0,
                               le=ENCODER_MAX_LENGTH)
     previous_max_length: int = setting(0, "MiniLM tokens of the previous-turn embedding; 0: none.", ge=0,
@@ -119,6 +124,12 @@ class MiniLMBackbone(Backbone):
     length_weight: float = setting(1.0, "Scale of the two length columns (turns so far, target words); 0: none.",
                                    ge=0)
     use_augmented: bool = setting(False, "Fit on the augmented variants too.")
+    n_bags: int = setting(1, "Voters per view group, each fitted on its own draw of rows and features; their "
+                             "probabilities are averaged.", ge=1)
+    row_subsample: float = setting(1.0, "Fraction of the training rows of each level a voter is fitted on (drawn by "
+                                        "the seed).", gt=0, le=1)
+    feature_subsample: float = setting(1.0, "Fraction of the feature columns a voter sees (drawn by the seed).",
+                                       gt=0, le=1)
     max_iter: int = setting(2000, "Most lbfgs iterations of each logistic regression.", ge=1)
     tol: float = setting(1e-4, "lbfgs stopping tolerance.", gt=0)
 
@@ -134,7 +145,8 @@ class MiniLMBackbone(Backbone):
             raise ValueError(f"{self.name} previous_max_length and context_max_length need max_length > 0 "
                              f"(max_length=0 turns every MiniLM view off)")
         self.vectorizers: dict[str, TfidfVectorizer] = {}
-        self.members: dict[str, dict[str, np.ndarray]] = {}  # view group -> coef, intercept, classes
+        # voter -> coef, intercept, classes; a voter is named by its view group, plus "@b" for bag b when n_bags > 1
+        self.members: dict[str, dict[str, np.ndarray]] = {}
 
     def config(self) -> dict:
         return {f.name: getattr(self, f.name) for f in fields(self)}
@@ -150,7 +162,7 @@ class MiniLMBackbone(Backbone):
     def _dense(self, rows: pd.DataFrame) -> np.ndarray | None:
         if self.max_length <= 0:
             return None
-        encoder = FrozenEncoder.shared()
+        encoder = FrozenEncoder.shared(self.encoder)
         blocks = [encoder.embed(list(rows["current_text"]), self.max_length)]
         if self.previous_max_length > 0:
             blocks.append(encoder.embed([previous_turn(d) for d in rows["dialogue"]], self.previous_max_length))
@@ -186,17 +198,37 @@ class MiniLMBackbone(Backbone):
     # ------------------------------------------------------------------------------ training
     def fit(self, train: pd.DataFrame, *, seed: int, valid: pd.DataFrame | None = None,
             on_epoch: EpochCallback | None = None, checkpoint: Checkpoint | None = None) -> "MiniLMBackbone":
-        """One fit (lbfgs is deterministic: ``seed`` changes nothing); ``on_epoch`` is called once.
-        ``checkpoint`` is unused: one solve leaves nothing to resume."""
+        """One fit per voter (lbfgs is deterministic: ``seed`` only draws the voters' rows and features, so it
+        changes nothing without bagging); ``on_epoch`` is called once. ``checkpoint`` is unused: one solve
+        leaves nothing to resume."""
         if not self.use_augmented and "is_augmented" in train:
             train = train[~train["is_augmented"].astype(bool)]
-        self.vectorizers, self.members, train_loss = self._fit(train)
+        train_loss = self._fit(train, seed)
         if on_epoch is not None:
             on_epoch(1, train_loss, None if valid is None else self.predict_logits(valid))
         return self
 
-    def _fit(self, train: pd.DataFrame) -> tuple[dict, dict, float]:
-        """The fitted vectorizers and members, and the training rows' mean negative log-likelihood."""
+    @property
+    def bagged(self) -> bool:
+        return self.n_bags > 1 or self.row_subsample < 1 or self.feature_subsample < 1
+
+    def _voters(self, group: str) -> list[str]:
+        """The names of view group ``group``'s voters, in bag order."""
+        return [group] if self.n_bags == 1 else [f"{group}@{bag}" for bag in range(self.n_bags)]
+
+    def _draw(self, y: np.ndarray, n_features: int, seed: int, bag: int) -> tuple[np.ndarray, np.ndarray]:
+        """(row indices, feature columns) voter ``bag`` is fitted on: ``row_subsample`` of each level's rows
+        (at least one) and ``feature_subsample`` of the columns (at least one), sorted, drawn by (seed, bag)."""
+        if not self.bagged:
+            return np.arange(len(y)), np.arange(n_features)
+        rng = np.random.default_rng([seed, bag])
+        rows = [rng.choice(idx, max(1, round(self.row_subsample * len(idx))), replace=False)
+                for idx in (np.flatnonzero(y == c) for c in np.unique(y))]
+        columns = rng.choice(n_features, max(1, round(self.feature_subsample * n_features)), replace=False)
+        return np.sort(np.concatenate(rows)), np.sort(columns)
+
+    def _fit(self, train: pd.DataFrame, seed: int) -> float:
+        """Fit the vectorizers and voters; returns the training rows' mean negative log-likelihood."""
         names = self._vectorizer_names()
         self.vectorizers, tfidf = {}, {}
         for name in names:
@@ -206,26 +238,35 @@ class MiniLMBackbone(Backbone):
         y = train["label"].astype(int).to_numpy()
         views = self._views(train, tfidf)
         self.members = {}
-        for group, x in views.items():
-            model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
-                                       class_weight=None if self.class_weight == "none" else "balanced")
-            model.fit(x, y)
-            self.members[group] = {"coef": model.coef_, "intercept": model.intercept_,
-                                   "classes": model.classes_.astype(np.int64)}
+        for g, (group, x) in enumerate(views.items()):
+            for bag in range(self.n_bags):
+                rows, columns = self._draw(y, x.shape[1], seed, g * self.n_bags + bag)
+                model = LogisticRegression(C=self.C, max_iter=self.max_iter, tol=self.tol,
+                                           class_weight=None if self.class_weight == "none" else "balanced")
+                if not self.bagged:
+                    model.fit(x, y)
+                    coef = model.coef_
+                else:
+                    model.fit(x[rows][:, columns], y[rows])
+                    coef = np.zeros((model.coef_.shape[0], x.shape[1]))
+                    coef[:, columns] = model.coef_  # a column the voter did not see weighs 0
+                self.members[self._voters(group)[bag]] = {"coef": coef, "intercept": model.intercept_,
+                                                          "classes": model.classes_.astype(np.int64)}
         log_p = self._log_proba(views)
-        return self.vectorizers, self.members, float(-np.mean(log_p[np.arange(len(y)), y]))
+        return float(-np.mean(log_p[np.arange(len(y)), y]))
 
     def _log_proba(self, views: dict[str, sp.csr_matrix]) -> np.ndarray:
-        """Log of the members' mean probability over the 9 levels (float64)."""
+        """Log of the voters' mean probability over the 9 levels (float64)."""
         probs = np.zeros((next(iter(views.values())).shape[0], N_LEVELS))
-        for group, x in views.items():  # in the views' fixed order: the same sum in every process
-            member = self.members[group]
-            scores = x @ member["coef"].T + member["intercept"]
-            if scores.shape[1] == 1:  # two classes: sklearn keeps one row of coefficients
-                scores = np.hstack([-scores, scores])
-            scores -= scores.max(axis=1, keepdims=True)
-            p = np.exp(scores)
-            probs[:, member["classes"]] += p / p.sum(axis=1, keepdims=True)
+        for group, x in views.items():  # in the views' and bags' fixed order: the same sum in every process
+            for voter in self._voters(group):
+                member = self.members[voter]
+                scores = x @ member["coef"].T + member["intercept"]
+                if scores.shape[1] == 1:  # two classes: sklearn keeps one row of coefficients
+                    scores = np.hstack([-scores, scores])
+                scores -= scores.max(axis=1, keepdims=True)
+                p = np.exp(scores)
+                probs[:, member["classes"]] += p / p.sum(axis=1, keepdims=True)
         probs /= len(self.members)
         with np.errstate(divide="ignore"):
             return np.maximum(np.log(probs), MISSING_CLASS_LOGIT)
@@ -294,10 +335,12 @@ class MiniLMBackbone(Backbone):
                 *(["history"] if self.history_tfidf else [])]
 
     def _view_widths(self, sizes: dict[str, int]) -> dict[str, int]:
-        """Member group -> its number of features (see :meth:`_views`), given each vectorizer's vocabulary size."""
+        """Voter -> its number of features (see :meth:`_views`), given each vectorizer's vocabulary size."""
         widths = {"target": sum(sizes.get(n, 0) for n in ("word", "char")) + (N_LENGTH_COLUMNS if self.length_weight > 0
                                                                               else 0)}
         widths |= {name: sizes[name] for name in ("context", "history") if name in sizes}
         if self.max_length > 0:
-            widths["embed"] = DIM * (1 + (self.previous_max_length > 0) + (self.context_max_length > 0))
-        return {"stack": sum(widths.values())} if self.combine == "stack" else widths
+            dim = ENCODERS[self.encoder][1]
+            widths["embed"] = dim * (1 + (self.previous_max_length > 0) + (self.context_max_length > 0))
+        groups = {"stack": sum(widths.values())} if self.combine == "stack" else widths
+        return {voter: width for group, width in groups.items() for voter in self._voters(group)}
