@@ -20,6 +20,8 @@ import numpy as np
 from psydef.core.labels import ALL_LABELS
 from psydef.core.secrets import redact_uri  # noqa: F401 (also tracking.redact_uri for callers)
 
+logger = logging.getLogger(__name__)
+
 DEFAULT_EXPERIMENT = "psydef"
 # The embedded default: MLflow's local SQLite store in the working directory, artifacts beside it.
 DEFAULT_TRACKING_URI = "sqlite:///mlflow.db"
@@ -206,9 +208,9 @@ def _store_artifact_root_under_mlflow_run(uri: str, run) -> None:
             session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update(
                 {SqlRun.artifact_uri: f"{root}/{run_id}/artifacts"})
     if move_experiment:
-        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
-              f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps them in "
-              f"{root}")
+        logger.info(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
+                    f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps them "
+                    f"in {root}")
 
 
 PROBE_TIMEOUT_S = 5  # the first contact with a tracking server or database; MLflow's own retries apply after it
@@ -388,9 +390,9 @@ def _warn_exposed_params(run) -> None:
     psydef starts), and a param can be neither changed nor deleted."""
     exposed = sorted(key for key, value in run.data.params.items() if redact_uri(value) != value)
     if exposed:
-        print(f"warning: run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
-              "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
-              "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
+        logger.warning(f"run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
+                       "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
+                       "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
 
 
 @contextmanager
@@ -424,7 +426,7 @@ def system_metrics(run_id: str):
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()
         except (MlflowException, OSError) as err:  # a server away: only these samples are lost
-            logging.getLogger(__name__).warning("run %s: the last system metrics were not logged: %s", run_id, err)
+            logger.warning("run %s: the last system metrics were not logged: %s", run_id, err)
 
 
 def log_new_params(params: dict, run_id: str | None = None) -> None:
@@ -852,8 +854,8 @@ def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
                 if model.status == LoggedModelStatus.PENDING:
                     mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             ended.append(dead)
-        print(f"{run.data.tags.get(STAGE, 'run')} run {run_id} was left RUNNING: {reason}; marked FAILED"
-              + (f" with its nested runs {orphans}" if orphans else ""))
+        logger.info(f"{run.data.tags.get(STAGE, 'run')} run {run_id} was left RUNNING: {reason}; marked FAILED"
+                    + (f" with its nested runs {orphans}" if orphans else ""))
     return ended
 
 
@@ -916,7 +918,8 @@ class PromotionLease:
             if current is not None and float(current.tags.get(LEASE_EXPIRES, "0")) < time.time():
                 again = self._read()  # delete only the lease seen expired, not one taken since
                 if again is not None and again.tags.get(LEASE_OWNER) == current.tags.get(LEASE_OWNER):
-                    print(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} expired; taking it over")
+                    logger.info(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} expired; "
+                                "taking it over")
                     self._delete()
                 continue
             if time.monotonic() > deadline:

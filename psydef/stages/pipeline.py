@@ -2,6 +2,8 @@
 runs of one pipeline run. Each step hands the next the run id it logged."""
 from __future__ import annotations
 
+import logging
+
 import mlflow
 
 from psydef import progress, tracking
@@ -13,6 +15,8 @@ from psydef.stages.promote import PromotionRefused, run_promote
 from psydef.stages.register import run_register
 from psydef.stages.train import run_train
 from psydef.stages.tune import run_tune
+
+logger = logging.getLogger(__name__)
 
 
 def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
@@ -36,7 +40,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
             run_promote(config.promote(int(version.version)))
             promoted = "became production"
         except PromotionRefused as refused:
-            print(f"main: {refused}; predicting with the current production model")
+            logger.info(f"main: {refused}; predicting with the current production model")
             promoted = f"was not promoted ({refused})"
         predicted = run_predict(config.predict())
         mlflow.set_tags({tracking.PIPELINE_TUNE_RUN_ID: tune_run, tracking.PIPELINE_MODEL_VERSION: version.version})
@@ -44,11 +48,11 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
                           f"{', '.join(train_runs)} (seeds {', '.join(map(str, seeds))}, backbone {backbone}); tune run "
                           f"{tune_run}; version {version.version} of {model_name} {promoted}; predict run "
                           f"{predicted.run_id} labelled {len(predicted.predictions)} records with {predicted.model_uri}.")
-    print(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
-          f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
+    logger.info(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
+                f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
     uri = mlflow.get_tracking_uri()
     served = uri.startswith(("http://", "https://"))
     link = tracking.ui_runs_url(uri if served else "http://127.0.0.1:5000", run.info.experiment_id)
-    print(f"main: the runs in the MLflow UI: {link}"
-          + ("" if served else f" once mlruns_config/start_server.sh serves {tracking.redact_uri(uri)}"))
+    logger.info(f"main: the runs in the MLflow UI: {link}"
+                + ("" if served else f" once mlruns_config/start_server.sh serves {tracking.redact_uri(uri)}"))
     return predicted

@@ -11,6 +11,7 @@ aggregates.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from psydef.core.folds import split_fold
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
 from psydef.stages.config import AggregateConfig, PrepareConfig, TrainConfig
 from psydef.stages.prepare import Prepared, load_prepared, run_prepare
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -87,7 +90,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch,
                   checkpoint=_fold_checkpoint(Path(scratch), resume_from))
-        print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
+        logger.info(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
         oof_ids, oof_logits = list(valid_rows["id"]), model.predict_logits(valid_rows)
         mlflow.log_dict(oof_ids, tracking.OOF_IDS)
         tracking.log_npy(oof_logits, tracking.OOF_LOGITS)
@@ -154,7 +157,7 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
     tracking.describe(f"Seed {tags.get(tracking.SEED)}, backbone {tags.get(tracking.BACKBONE)}: {n_splits} fold runs "
                       f"on the folds of prepare run {prepared.run_id} (data digest {prepared.digest}). {summary}. "
                       f"{tracking.OOF_LOGITS} holds the out-of-fold logits that tune calibrates.", parent_run_id)
-    print(f"train {parent_run_id}: {summary}")
+    logger.info(f"train {parent_run_id}: {summary}")
     return metrics
 
 
@@ -167,7 +170,7 @@ def run_train(config: TrainConfig, *, experiment_id: str, prepared: Prepared | N
     aggregated and ends FINISHED. ``prepared`` is the prepare stage's result when the caller holds it
     (``main``); otherwise it is read from ``config.prepare_run_id``, or prepare runs first."""
     backbone, hyper = config.backbone_name(), config.backbone_hyper()
-    print(f"train: backbone {backbone} (asked: {config.backbone})")
+    logger.info(f"train: backbone {backbone} (asked: {config.backbone})")
     if prepared is None:
         prepared = (load_prepared(config.prepare_run_id, config.data_dir) if config.prepare_run_id
                     else run_prepare(PrepareConfig(data_dir=config.data_dir, seed=config.seed)))
