@@ -27,7 +27,7 @@ def line_buffered() -> None:
 
 
 class ConsoleFormatter(logging.Formatter):
-    """Today's concise lines: the message alone, ``warning: ``/``error: `` before a WARNING or worse."""
+    """Concise console lines: the message alone, ``warning: ``/``error: `` before a WARNING or worse."""
 
     def format(self, record: logging.LogRecord) -> str:
         line = super().format(record)
