@@ -6,7 +6,8 @@ runs, so ``psydef NAME --help`` loads neither MLflow nor torch nor pandas) and i
 MLproject's entry points are the tracked rows, run as ``python -m entrypoints NAME --option {param}
 ...`` (tests/test_config.py checks both ways). A command checks its settings before MLflow is touched,
 then configures tracking and calls the function; bad settings, missing files and bad input exit
-non-zero with one line.
+non-zero with one line. While it runs, psydef's log records are its console lines on stdout
+(:func:`psydef.progress.console_logging`: level INFO, or $PSYDEF_LOG_LEVEL).
 """
 from __future__ import annotations
 
@@ -18,7 +19,7 @@ from pathlib import Path
 
 import click
 
-from psydef import tracking
+from psydef import progress, tracking
 from psydef.settings import base_type, option_name, resolve_choices
 from psydef.stages.config import (AggregateConfig, FetchConfig, MainConfig, PredictConfig, PrepareConfig,
                                   PromoteConfig, RegisterConfig, TrainConfig, TuneConfig)
@@ -128,8 +129,9 @@ def command(name: str) -> click.Command:
             raise click.UsageError(str(err)) from err
         module, function = entry.function.split(":")
         try:
-            experiment_id = tracking.configure(tracking_uri, experiment_name) if entry.tracked else None
-            entry.call(getattr(importlib.import_module(module), function), settings, experiment_id)
+            with progress.console_logging(progress.console_level()):
+                experiment_id = tracking.configure(tracking_uri, experiment_name) if entry.tracked else None
+                entry.call(getattr(importlib.import_module(module), function), settings, experiment_id)
         except (ValueError, FileNotFoundError, KeyError) as err:
             raise click.ClickException(str(err)) from err
 
@@ -145,7 +147,9 @@ def command(name: str) -> click.Command:
 
 @click.group()
 def cli():
-    """psydef: MLflow-tracked PsyDefDetect experiments (prepare -> train -> tune -> register -> promote -> predict)."""
+    """psydef: MLflow-tracked PsyDefDetect experiments (prepare -> train -> tune -> register -> promote -> predict).
+
+    Progress lines go to stdout; PSYDEF_LOG_LEVEL=WARNING keeps only warnings."""
 
 
 for _name in ENTRY_POINTS:

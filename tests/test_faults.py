@@ -3,6 +3,7 @@ processes killed (SIGKILL, SIGTERM) or silent on another machine.
 
 The store is the registered tiny ensemble of tests/fixtures/stores.py (``registry_store``, ``champion``); the
 killed processes are real ``python -m entrypoints NAME`` jobs (tests/fixtures/jobs.py: ``TrainJobs``)."""
+import logging
 import re
 import shutil
 import signal
@@ -261,15 +262,17 @@ def test_a_silent_run_of_another_machine_is_marked_failed_with_its_nested_runs(s
 
 
 # ---- 7. first contact: the fold banners estimate the training time left under main ------------
-def test_fold_banners_estimate_the_training_left(monkeypatch, capsys):
+def test_fold_banners_estimate_the_training_left(monkeypatch, caplog):
     from psydef import progress
+
+    caplog.set_level(logging.INFO, logger="psydef")
 
     clock = iter([100.0, 160.0, 220.0])  # folds start a minute apart
     monkeypatch.setattr("time.monotonic", lambda: next(clock))
     progress.plan_main(trainings=2, n_splits=5, members=["minilm"], n_trials=2000, inner_trials=500)
     for fold in range(3):
         progress.fold_banner(42, fold, 5)
-    lines = capsys.readouterr().out.splitlines()
+    lines = caplog.messages
     assert lines[0].startswith("== main: train 2 training(s) (member(s) minilm, each seed on its own folds) x 5 folds, "
                                "tune (2,000 trials")
     assert lines[1:] == ["== train seed 42: fold 1/5",

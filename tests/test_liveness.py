@@ -3,6 +3,7 @@ this machine (same boot, same pid namespace, no process of that pid and start ti
 heartbeat (lease: expiry) is past. A process in another pid namespace under the same host name (a
 container sharing the host's name) is judged by its heartbeat alone. The foreign processes are
 simulated by the tags they would write."""
+import logging
 import os
 import socket
 import subprocess
@@ -91,26 +92,27 @@ def _lease(owner: str, identity: str, expires_in: float) -> None:
         tracking.LEASE_PROCESS: identity})
 
 
-def test_a_lease_whose_process_is_gone_is_taken_over_at_once(tracking_uri, capsys):
+def test_a_lease_whose_process_is_gone_is_taken_over_at_once(tracking_uri, caplog):
+    caplog.set_level(logging.INFO, logger="psydef")
     dead_pid = free_pid()
     _lease(f"{socket.gethostname()}:{dead_pid}:deadbeef", _ours(dead_pid, "12345"), expires_in=tracking.LEASE_TTL_S)
     lease = tracking.PromotionLease(NAME).acquire(wait=tracking.LEASE_TTL_S / 4)  # far shorter than its expiry
     assert lease.held()
-    lines = capsys.readouterr().out.splitlines()
-    assert lines == [(f"promote: the lease {tracking.lease_name(NAME)} of {socket.gethostname()}:{dead_pid}:deadbeef "
+    assert caplog.messages == [(f"promote: the lease {tracking.lease_name(NAME)} of {socket.gethostname()}:{dead_pid}:deadbeef "
                       "was left by a process that is gone; taking it over")]
     lease.release()
 
 
-def test_a_waiter_says_once_who_holds_the_lease_and_till_when(tracking_uri, capsys):
+def test_a_waiter_says_once_who_holds_the_lease_and_till_when(tracking_uri, caplog):
     """A live holder this process cannot see (another pid namespace) keeps its lease until it expires."""
+    caplog.set_level(logging.INFO, logger="psydef")
     owner = f"{socket.gethostname()}:{free_pid()}:c0ffee"
     _lease(owner, _foreign(free_pid()), expires_in=1.5)
     expires = float(MlflowClient().get_registered_model(tracking.lease_name(NAME)).tags[tracking.LEASE_EXPIRES])
     lease = tracking.PromotionLease(NAME).acquire(wait=60)
     assert lease.held() and time.time() >= expires
     until = time.strftime("%H:%M:%S", time.localtime(expires))
-    assert capsys.readouterr().out.splitlines() == [
+    assert caplog.messages == [
         f"promote: waiting for the promotion lease {tracking.lease_name(NAME)}, held by {owner} until {until} at the latest",
         f"promote: the lease {tracking.lease_name(NAME)} of {owner} expired; taking it over"]
     lease.release()

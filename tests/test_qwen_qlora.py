@@ -1,6 +1,7 @@
 """The QLoRA backbone on CPU, through the same code as on GPU (4-bit NF4 load, LoRA, training loop,
 adapter save/load), with a tiny random Qwen3 and the real Qwen3 tokenizer."""
 import json
+import logging
 import math
 from pathlib import Path
 from types import SimpleNamespace
@@ -280,7 +281,8 @@ def test_length_grouped_batches_cover_every_row_once_and_pad_less(qwen_tokenizer
     assert padded_fraction(grouped[0]) < padded_fraction(shuffled[0]) / 5
 
 
-def test_eval_every_and_the_padded_fraction(tiny_qwen3_dir, make_dialogue_rows, capsys):
+def test_eval_every_and_the_padded_fraction(tiny_qwen3_dir, make_dialogue_rows, caplog):
+    caplog.set_level(logging.INFO, logger="psydef")
     rows = make_dialogue_rows(6)
     reports = []
     backbone = tiny_backbone(tiny_qwen3_dir, epochs=3, eval_every=2).fit(
@@ -289,7 +291,7 @@ def test_eval_every_and_the_padded_fraction(tiny_qwen3_dir, make_dialogue_rows, 
     assert [s["epoch"] for s in backbone.epoch_stats] == [1, 2, 3]
     for stats in backbone.epoch_stats:
         assert 0 <= stats["padded_fraction"] < 1 and stats["examples"] == 6 and stats["tokens"] > 6 * 500
-    assert capsys.readouterr().out.count("of the tokens fed were padding") == 3
+    assert caplog.text.count("of the tokens fed were padding") == 3
     never = []
     tiny_backbone(tiny_qwen3_dir, epochs=1, eval_every=0).fit(rows, seed=0, valid=rows,
                                                             on_epoch=lambda *report: never.append(report))

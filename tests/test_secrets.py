@@ -5,6 +5,7 @@ SQL Server databases, as tracking store and as tune's Optuna storage."""
 from __future__ import annotations
 
 import base64
+import logging
 import os
 import subprocess
 import sys
@@ -133,7 +134,7 @@ def test_params_and_descriptions_are_masked(tracking_uri):
     assert run.data.tags[tracking.NOTE] == "A study in postgresql+psycopg2://psydef:***@db/optuna."
 
 
-def test_a_password_that_mlflow_run_logged_from_p_is_warned_about(tracking_uri, monkeypatch, capsys):
+def test_a_password_that_mlflow_run_logged_from_p_is_warned_about(tracking_uri, monkeypatch, caplog):
     """`mlflow run -P storage=...` logs the value before psydef starts (a param cannot be changed): the
     stage taking over that run says so and how to pass the password instead."""
     experiment = tracking.configure(tracking_uri)
@@ -142,7 +143,7 @@ def test_a_password_that_mlflow_run_logged_from_p_is_warned_about(tracking_uri, 
     monkeypatch.setenv("MLFLOW_RUN_ID", run.info.run_id)
     with tracking.stage_run(tracking.TUNE, "tune"):
         pass
-    out = capsys.readouterr().out
+    out = "\n".join(r.getMessage() for r in caplog.records if r.levelno == logging.WARNING)
     assert f"run {run.info.run_id} holds a password in its param(s) storage" in out and "PGPASSWORD" in out, out
     assert "s3cr" not in out
 

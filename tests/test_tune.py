@@ -1,4 +1,5 @@
 """The tune stage against fake train parent runs and a fake prepare run in a temporary SQLite store."""
+import logging
 import os
 import shutil
 import subprocess
@@ -65,7 +66,8 @@ def chosen_f1(run):
     return run.data.metrics[tracking.CALIBRATED_F1 if calibrated else tracking.RAW_F1]
 
 
-def test_auto_pick_takes_the_latest_finished_run_of_each_member_and_seed_sharing_the_data_digest(store, capsys):
+def test_auto_pick_takes_the_latest_finished_run_of_each_member_and_seed_sharing_the_data_digest(store, caplog):
+    caplog.set_level(logging.INFO, logger="psydef")
     prep = store.prepare()
     store.train(prep, 1)  # superseded by the newer seed-1 run
     seed_2 = store.train(prep, 2)
@@ -75,7 +77,7 @@ def test_auto_pick_takes_the_latest_finished_run_of_each_member_and_seed_sharing
     store.train(prep, 5, status="FAILED")
     store.train(prep, 6, status="RUNNING")
     assert [r.info.run_id for r in pick_train_runs(store.experiment_id)] == [seed_1, seed_2]
-    assert f"{seed_1} (minilm, seed 1), {seed_2} (minilm, seed 2)" in capsys.readouterr().out
+    assert f"{seed_1} (minilm, seed 1), {seed_2} (minilm, seed 2)" in caplog.text
 
     vote = store.train(store.prepare(partition=1), 1, member="minilm:combine=vote")  # another member, other folds
     assert [r.info.run_id for r in pick_train_runs(store.experiment_id)] == [vote]  # the newest's member decides
@@ -108,7 +110,8 @@ def test_tune_blends_members_of_different_fold_partitions_aligned_by_record_id(s
     assert mlflow.get_run(tune_id).data.metrics[tracking.RAW_F1] == pytest.approx(macro_f1(store.y, plain), abs=1e-12)
 
 
-def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibrated_f1(store, capsys):
+def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibrated_f1(store, caplog):
+    caplog.set_level(logging.INFO, logger="psydef")
     prep = store.prepare()
     members = [store.train(prep, 1), store.train(prep, 2)]
     tune_id = run_tune(None, n_trials=48, sampler="tpe", gate=True, seed=0, storage=None, study_name=None,
@@ -150,7 +153,7 @@ def test_tune_logs_metrics_artifacts_and_an_ensemble_that_reproduces_the_calibra
         html = mlflow.artifacts.load_text(tracking.artifact_uri(tune_id, path))
         assert "<html>" in html[:100] and 'src="https://cdn.plot.ly' not in html and "Plotly.newPlot" in html
 
-    out = capsys.readouterr().out
+    out = caplog.text
     assert f"tune run {tune_id}" in out and "is positive: the calibrated rule is kept" in out
 
 

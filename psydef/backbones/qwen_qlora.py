@@ -23,6 +23,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import logging
 import math
 import random
 import time
@@ -40,6 +41,8 @@ from psydef.core.labels import N_LEVELS
 from psydef.core.losses import class_weighted_loss
 from psydef.core.prompt import build_prompt
 from psydef.settings import check_fields, setting
+
+logger = logging.getLogger(__name__)
 
 LORA_TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 PAD_TO_MULTIPLE_OF = 8
@@ -317,8 +320,8 @@ class QwenQLoRABackbone(Backbone):
         self.epoch_stats = []
         if checkpoint is not None and state.saved_in(checkpoint.folder):
             self.epoch_stats = state.restore(checkpoint.folder, checkpoint.origin)
-            tqdm.write(f"resuming at epoch {len(self.epoch_stats) + 1}/{self.epochs} from the checkpoint "
-                       f"{checkpoint.origin or checkpoint.folder}")
+            logger.info(f"resuming at epoch {len(self.epoch_stats) + 1}/{self.epochs} from the checkpoint "
+                        f"{checkpoint.origin or checkpoint.folder}")
         for epoch in range(len(self.epoch_stats) + 1, self.epochs + 1):
             self.net.train()
             losses, tokens, fed = [], 0, 0
@@ -341,8 +344,8 @@ class QwenQLoRABackbone(Backbone):
             stats = {"epoch": epoch, "loss": float(np.mean(losses)), "seconds": time.perf_counter() - started,
                      "examples": len(examples), "tokens": tokens, "padded_fraction": 1 - tokens / fed}
             self.epoch_stats.append(stats)
-            tqdm.write(f"epoch {epoch}/{self.epochs}: {stats['padded_fraction']:.1%} of the tokens fed were padding "
-                       f"({'length-grouped' if self.group_by_length else 'shuffled'} batches of {self.batch_size})")
+            logger.info(f"epoch {epoch}/{self.epochs}: {stats['padded_fraction']:.1%} of the tokens fed were padding "
+                        f"({'length-grouped' if self.group_by_length else 'shuffled'} batches of {self.batch_size})")
             if on_epoch is not None:
                 evaluate = (valid is not None and self.eval_every > 0
                             and (epoch % self.eval_every == 0 or epoch == self.epochs))

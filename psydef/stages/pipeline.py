@@ -8,6 +8,7 @@ reused (:func:`psydef.tracking.find_finished_run`), so a rerun after a failure t
 missing."""
 from __future__ import annotations
 
+import logging
 from contextlib import contextmanager
 
 import mlflow
@@ -21,6 +22,8 @@ from psydef.stages.promote import PromotionRefused, run_promote
 from psydef.stages.register import run_register
 from psydef.stages.train import run_train
 from psydef.stages.tune import run_tune
+
+logger = logging.getLogger(__name__)
 
 
 def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
@@ -50,7 +53,7 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
             run_promote(config.promote(int(version.version)))
             promoted = "became production"
         except PromotionRefused as refused:
-            print(f"main: {refused}; predicting with the current production model")
+            logger.info(f"main: {refused}; predicting with the current production model")
             promoted = f"was not promoted ({refused})"
         predicted = run_predict(config.predict())
         mlflow.set_tags({tracking.PIPELINE_TUNE_RUN_ID: tune_run, tracking.PIPELINE_MODEL_VERSION: version.version})
@@ -60,13 +63,13 @@ def run_main(config: MainConfig, *, experiment_id: str) -> Predicted:
                           f"{listed}; " + (f"reused (resume): {'; '.join(reused)}; " if reused else "") +
                           f"tune run {tune_run}; version {version.version} of {model_name} {promoted}; predict run "
                           f"{predicted.run_id} labelled {len(predicted.predictions)} records with {predicted.model_uri}.")
-    print(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
-          f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
+    logger.info(f"main: pipeline run {run.info.run_id}; registered {model_name} version {version.version}; "
+                f"prediction file {predicted.prediction_json.resolve()} (zip: {predicted.prediction_zip.resolve()})")
     uri = mlflow.get_tracking_uri()
     served = uri.startswith(("http://", "https://"))
     link = tracking.ui_runs_url(uri if served else "http://127.0.0.1:5000", run.info.experiment_id)
-    print(f"main: the runs in the MLflow UI: {link}"
-          + ("" if served else f" once mlruns_config/start_server.sh serves {tracking.redact_uri(uri)}"))
+    logger.info(f"main: the runs in the MLflow UI: {link}"
+                + ("" if served else f" once mlruns_config/start_server.sh serves {tracking.redact_uri(uri)}"))
     return predicted
 
 
@@ -77,7 +80,7 @@ def _prepare(config: PrepareConfig, resume: bool, reused: list[str]) -> Prepared
     if found is None:
         return run_prepare(config)
     reused.append(f"prepare run {found.run_id} (seed {config.seed}, data digest {found.digest})")
-    print(f"main: reusing {reused[-1]}: FINISHED, the same data and settings")
+    logger.info(f"main: reusing {reused[-1]}: FINISHED, the same data and settings")
     return found
 
 
@@ -92,7 +95,8 @@ def _finished_training(config: TrainConfig, prepared: Prepared, reused: list[str
     except ValueError:
         return None
     reused.append(f"train run {run.info.run_id} ({config.member_tag()}, seed {config.seed})")
-    print(f"main: reusing {reused[-1]}: FINISHED on the folds of prepare run {prepared.run_id}, every fold complete")
+    logger.info(f"main: reusing {reused[-1]}: FINISHED on the folds of prepare run {prepared.run_id}, every fold "
+                "complete")
     return run.info.run_id
 
 
@@ -103,6 +107,6 @@ def _resume_hint(config: MainConfig):
         yield
     except BaseException:
         if not config.resume:
-            print("main: stopped before the end; run it again with -P resume=true (--resume true) to reuse its "
-                  "FINISHED prepare and train runs")
+            logger.info("main: stopped before the end; run it again with -P resume=true (--resume true) to reuse its "
+                        "FINISHED prepare and train runs")
         raise

@@ -13,6 +13,7 @@ neither, and the previous pair intact under its set-aside names.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import zipfile
 from dataclasses import dataclass
@@ -29,6 +30,8 @@ from psydef.core.files import atomic_files, writable_folder
 from psydef.core.labels import PROB_COLUMNS
 from psydef.core.metrics import evaluate, plot_confusion_matrix
 from psydef.stages.config import PredictConfig
+
+logger = logging.getLogger(__name__)
 
 CHUNK_ROWS = 64  # rows per predict call: the progress bar's step
 
@@ -68,8 +71,8 @@ def _set_aside_previous_outputs(out_dir: Path) -> None:
         set_aside(path).unlink(missing_ok=True)
     for path in current:
         os.replace(path, set_aside(path))
-    print(f"predict: the previous {' and '.join(p.name for p in current)} in {out_dir} are set aside as "
-          f"{' and '.join(set_aside(p).name for p in current)} until this prediction is complete")
+    logger.info(f"predict: the previous {' and '.join(p.name for p in current)} in {out_dir} are set aside as "
+                f"{' and '.join(set_aside(p).name for p in current)} until this prediction is complete")
 
 
 def _write_outputs(out_dir: Path, predictions: pd.DataFrame) -> tuple[Path, Path]:
@@ -132,6 +135,6 @@ def run_predict(config: PredictConfig) -> Predicted:
         score = f", macro-F1 (levels 1..8) {metrics['macro_f1']:.4f}" if metrics else ""
         tracking.describe(f"Labelled the {len(predictions)} records of {path} with {loaded_uri} (asked for "
                           f"{config.model_uri}){score}. {tracking.PREDICTION_ZIP} is the CodaBench submission.")
-    print(f"predict: {len(predictions)} predictions by {loaded_uri} written to {prediction_json.resolve()} "
-          f"and {prediction_zip.resolve()}{score}; run {run.info.run_id}")
+    logger.info(f"predict: {len(predictions)} predictions by {loaded_uri} written to {prediction_json.resolve()} "
+                f"and {prediction_zip.resolve()}{score}; run {run.info.run_id}")
     return Predicted(run.info.run_id, loaded_uri, prediction_json, prediction_zip, predictions, metrics)

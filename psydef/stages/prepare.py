@@ -4,6 +4,7 @@ Later stages read the folds (``folds.csv``) and the augmented variants (``augmen
 run by its id: every member trained for a seed trains on that seed's split (another seed, another split)."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass
 from pathlib import Path
@@ -18,6 +19,8 @@ from psydef.core.data import TABLE_COLUMNS, dataset_digest, read_split, records_
 from psydef.core.folds import check_no_leakage, fold_table, leaked_dialogues, n_folds
 from psydef.core.metrics import plot_class_distribution
 from psydef.stages.config import PrepareConfig
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -71,9 +74,9 @@ def run_prepare(config: PrepareConfig) -> Prepared:
         tracking.log_figure(plot_class_distribution(train["label"], augmented_labels=augmented["label"]),
                             tracking.CLASS_PLOT)
         mlflow.log_dict(augmented.to_dict(orient="records"), tracking.AUGMENTED_JSON)
-        print(f"prepare: {len(train)} records, {train['dialogue_id'].nunique()} dialogues, "
-              f"{len(augmented)} augmented variants, {n_splits} folds by {group_by}, "
-              f"{leaked_dialogues(folds)} dialogues in more than one fold; run {run.info.run_id}")
+        logger.info(f"prepare: {len(train)} records, {train['dialogue_id'].nunique()} dialogues, "
+                    f"{len(augmented)} augmented variants, {n_splits} folds by {group_by}, "
+                    f"{leaked_dialogues(folds)} dialogues in more than one fold; run {run.info.run_id}")
         tracking.describe(f"Validated {len(train)} labelled records from {train['dialogue_id'].nunique()} dialogues of "
                           f"{data_dir} (data digest {digest}); {len(augmented)} augmented variants of levels "
                           f"{', '.join(map(str, MINORITY_LEVELS))}; {n_splits} folds grouped by {group_by}, "

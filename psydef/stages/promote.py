@@ -9,8 +9,12 @@ before the registry is changed, so a failure leaves ``production`` where it was.
 """
 from __future__ import annotations
 
+import logging
+
 from psydef import tracking
 from psydef.stages.config import PromoteConfig
+
+logger = logging.getLogger(__name__)
 
 
 class PromotionRefused(ValueError):
@@ -93,5 +97,5 @@ def run_promote(config: PromoteConfig):
                           + ("" if force or not champion or not moves else
                              f", and its {tracking.GATE_METRIC} beats the champion's by at least {min_gain:g}")
                           + ".")
-    print(f"promote: {name} version {number} {outcome}")
+    logger.info(f"promote: {name} version {number} {outcome}")
     return client.get_model_version(name, number)

@@ -7,12 +7,15 @@ logged model must load and predict (the smoke test ``promote`` runs too) before 
 a version that cannot serve is never registered."""
 from __future__ import annotations
 
+import logging
 import tempfile
 from pathlib import Path
 
 from psydef import tracking
 from psydef.calibration.rule import EnsembleSpec
 from psydef.stages.config import RegisterConfig
+
+logger = logging.getLogger(__name__)
 
 
 def _load_spec(tune_run_id: str) -> EnsembleSpec:
@@ -155,6 +158,6 @@ def run_register(config: RegisterConfig):
             text = _description(spec, members, tags, metrics, sum(map(len, adapter_dirs)), choice)
             version = tracking.create_version(name, info, tags=tags, description=text)
             tracking.describe(f"Version {version.version} of {name}: {text}")
-    print(f"register: {name} version {version.version} from tune run {tune_run_id} "
-          f"({tracking.GATE_METRIC} {metrics[tracking.GATE_METRIC]:.6g}); register run {run.info.run_id}")
+    logger.info(f"register: {name} version {version.version} from tune run {tune_run_id} "
+                f"({tracking.GATE_METRIC} {metrics[tracking.GATE_METRIC]:.6g}); register run {run.info.run_id}")
     return version

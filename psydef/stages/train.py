@@ -11,6 +11,7 @@ aggregates.
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from contextlib import nullcontext
 from dataclasses import dataclass
@@ -30,6 +31,8 @@ from psydef.core.labels import ALL_LABELS
 from psydef.core.metrics import evaluate, plot_confusion_matrix, plot_per_class_f1
 from psydef.stages.config import AggregateConfig, PrepareConfig, TrainConfig
 from psydef.stages.prepare import Prepared, find_prepared, load_prepared, run_prepare
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -88,7 +91,7 @@ def train_fold(prepared: Prepared, k: int, *, backbone: str, seed: int, hyper: d
 
         model.fit(train_rows, seed=seed, valid=valid_rows, on_epoch=on_epoch,
                   checkpoint=_fold_checkpoint(Path(scratch), resume_from))
-        print(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
+        logger.info(f"fold {k}: {last.pop('epoch', 0)} epochs, " + ", ".join(f"{n} {v:.4f}" for n, v in last.items()))
         oof_ids, oof_logits = list(valid_rows["id"]), model.predict_logits(valid_rows)
         mlflow.log_dict(oof_ids, tracking.OOF_IDS)
         tracking.log_npy(oof_logits, tracking.OOF_LOGITS)
@@ -164,7 +167,7 @@ def aggregate(parent_run_id: str, prepared: Prepared, trained: dict[int, FoldRes
                       f"fold runs on the folds of prepare run {prepared.run_id}{origin} (data digest {prepared.digest}). "
                       f"{summary}. {tracking.OOF_LOGITS} holds the out-of-fold logits that tune calibrates.",
                       parent_run_id)
-    print(f"train {parent_run_id}: {summary}")
+    logger.info(f"train {parent_run_id}: {summary}")
     return metrics
 
 
@@ -179,7 +182,7 @@ def run_train(config: TrainConfig, *, experiment_id: str, prepared: Prepared | N
     the latest FINISHED prepare run of the same data and settings, else prepares in a run nested under
     itself. A new parent is the stage's own run: under ``mlflow run``, the run it created."""
     backbone, hyper, member = config.backbone_name(), config.backbone_hyper(), config.member_tag()
-    print(f"train: member {member}, seed {config.seed} (asked: backbone {config.backbone})")
+    logger.info(f"train: member {member}, seed {config.seed} (asked: backbone {config.backbone})")
     run_name = f"train seed={config.seed} {member}"
     if prepared is None and config.prepare_run_id is None:  # a new parent; its folds come from a prepare run
         with tracking.stage_run(tracking.TRAIN, run_name) as parent:
@@ -215,8 +218,8 @@ def _prepare_for(config: TrainConfig) -> tuple[Prepared, str]:
     found = find_prepared(prepare)
     if found is None:
         return run_prepare(prepare), tracking.PREPARE_NESTED
-    print(f"train: reusing prepare run {found.run_id} (FINISHED, data digest {found.digest}, the same settings: "
-          f"seed {prepare.seed}, {prepare.n_splits} folds by {prepare.group_by})")
+    logger.info(f"train: reusing prepare run {found.run_id} (FINISHED, data digest {found.digest}, the same settings: "
+                f"seed {prepare.seed}, {prepare.n_splits} folds by {prepare.group_by})")
     return found, tracking.PREPARE_REUSED
 
 

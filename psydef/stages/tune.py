@@ -10,6 +10,7 @@ and why (the run description), the chosen rule's per-level F1, ``ensemble.json``
 """
 from __future__ import annotations
 
+import logging
 import tempfile
 from dataclasses import dataclass, replace
 from pathlib import Path
@@ -27,6 +28,8 @@ from psydef.core.metrics import plot_confusion_matrix
 from psydef.backbones import resolve_backbone_name
 from psydef.stages.config import MemberSpec, TuneConfig, member_tag
 from psydef.stages.prepare import load_folds
+
+logger = logging.getLogger(__name__)
 
 
 @dataclass(frozen=True)
@@ -55,7 +58,8 @@ def pick_train_runs(experiment_id: str, members: tuple[MemberSpec, ...] = ()) ->
     if not runs:
         what = f" of member(s) {', '.join(wanted)}" if wanted else ""
         raise ValueError(f"no FINISHED train run{what} in experiment {experiment.name!r} of "
-                         f"{tracking.redact_uri(mlflow.get_tracking_uri())}: train first, or pass train_runs=RUN_ID,RUN_ID")
+                         f"{tracking.redact_uri(mlflow.get_tracking_uri())}: train first, or pass "
+                         "train_runs=RUN_ID,RUN_ID")
     digest = runs[0].data.tags.get(tracking.DATA_DIGEST)
     wanted = wanted or [tracking.member_of(runs[0])]
     latest: dict[tuple[str, str], object] = {}
@@ -67,9 +71,9 @@ def pick_train_runs(experiment_id: str, members: tuple[MemberSpec, ...] = ()) ->
         raise ValueError(f"no FINISHED train run of member(s) {', '.join(missing)} with data digest {digest} (that of "
                          f"the newest train run of the members asked for) in experiment {experiment.name!r}")
     picked = list(latest.values())
-    print(f"tune: picked the latest FINISHED train run of each member and seed with data digest {digest}: "
-          + ", ".join(f"{r.info.run_id} ({tracking.member_of(r)}, seed {r.data.tags.get(tracking.SEED)})"
-                      for r in picked))
+    logger.info(f"tune: picked the latest FINISHED train run of each member and seed with data digest {digest}: "
+                + ", ".join(f"{r.info.run_id} ({tracking.member_of(r)}, seed {r.data.tags.get(tracking.SEED)})"
+                            for r in picked))
     return picked
 
 
@@ -157,8 +161,8 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     study = study_name or default_study_name(run_ids)
     backbone = ",".join(dict.fromkeys(oof.backbones))
     n_dialogues = len(np.unique(oof.groups))
-    print(f"tune: {len(run_ids)} member(s) {run_ids} ({', '.join(oof.members)}), data digest {oof.data_digest}: "
-          f"{len(oof.ids)} OOF rows from {n_dialogues} dialogues")
+    logger.info(f"tune: {len(run_ids)} member(s) {run_ids} ({', '.join(oof.members)}), data digest {oof.data_digest}: "
+                f"{len(oof.ids)} OOF rows from {n_dialogues} dialogues")
     tags = {tracking.DATA_DIGEST: oof.data_digest, tracking.BACKBONE: backbone,
             tracking.MEMBER_RUN_IDS: ",".join(run_ids), tracking.STUDY_NAME: study}
     # As given (what `mlflow run` logs from -P); the resolved members and study are the tags above.
@@ -166,10 +170,9 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
     with tracking.stage_run(tracking.TUNE, f"tune {sampler} n_trials={n_trials}", tags) as run:
         tracking.log_new_params(params | {"n_members": len(run_ids), "n_oof_rows": len(oof.ids),
                                           "n_dialogues": n_dialogues})
-        print(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
-              f"{tracking.redact_uri(storage) if storage else 'in-memory'}), then the gain estimate: the search rerun "
-              f"with {inner_trials} trials "
-              "in each fold of repeated record-level K-fold splits")
+        logger.info(f"tune: {n_trials} {sampler} trials on all OOF rows (study {study!r}, storage "
+                    f"{tracking.redact_uri(storage) if storage else 'in-memory'}), then the gain estimate: the search "
+                    f"rerun with {inner_trials} trials in each fold of repeated record-level K-fold splits")
         verbosity = optuna.logging.get_verbosity()
         optuna.logging.set_verbosity(optuna.logging.WARNING)  # the progress bar stands for Optuna's line per trial
         try:
@@ -187,9 +190,9 @@ def run_tune(config: TuneConfig, *, experiment_id: str) -> str:
         mlflow.set_tag(tracking.CALIBRATION, choice)
         tracking.describe(_description(report, oof, choice))
         _log_artifacts(report, oof, metrics)
-    print(f"tune: OOF macro-F1 (levels 1..8) plain blend {report.raw_f1:.4f}, calibrated in-sample "
-          f"{report.calibrated_in_sample_f1:.4f}, calibrated estimated {estimate.calibrated_f1:.4f}; {report.reason}; "
-          f"tune run {run.info.run_id}")
+    logger.info(f"tune: OOF macro-F1 (levels 1..8) plain blend {report.raw_f1:.4f}, calibrated in-sample "
+                f"{report.calibrated_in_sample_f1:.4f}, calibrated estimated {estimate.calibrated_f1:.4f}; "
+                f"{report.reason}; tune run {run.info.run_id}")
     return run.info.run_id
 
 

@@ -10,6 +10,7 @@ this machine (process_gone), is deleted and contested again. The owner re-reads 
 and after it moves the aliases, so a promote that lost its lease never reports success."""
 from __future__ import annotations
 
+import logging
 import os
 import random
 import socket
@@ -20,6 +21,8 @@ from contextlib import contextmanager
 from psydef.tracking.liveness import process_gone, process_identity
 from psydef.tracking.names import LEASE_EXPIRES, LEASE_OWNER, LEASE_PROCESS, LEASE_SUFFIX
 from psydef.tracking.store import client
+
+logger = logging.getLogger(__name__)
 
 
 LEASE_TTL_S = 120.0  # far above the seconds a promote holds it (a few registry calls)
@@ -80,14 +83,15 @@ class PromotionLease:
             if ended:
                 again = self._read()  # delete only the lease seen ended, not one taken since
                 if again is not None and again.tags.get(LEASE_OWNER) == current.tags.get(LEASE_OWNER):
-                    print(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} {ended}; taking it over")
+                    logger.info(f"promote: the lease {self.name} of {current.tags.get(LEASE_OWNER)} {ended}; "
+                                "taking it over")
                     self._delete()
                 continue
             holder = None if current is None else current.tags.get(LEASE_OWNER)
             if holder is not None and holder != announced:
                 until = time.strftime("%H:%M:%S", time.localtime(float(current.tags.get(LEASE_EXPIRES, "0"))))
-                print(f"promote: waiting for the promotion lease {self.name}, held by {holder} until {until} "
-                      "at the latest")
+                logger.info(f"promote: waiting for the promotion lease {self.name}, held by {holder} until {until} "
+                            "at the latest")
                 announced = holder
             if time.monotonic() > deadline:
                 holder = current.tags.get(LEASE_OWNER) if current is not None else "?"

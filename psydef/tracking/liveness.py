@@ -12,6 +12,7 @@ a heartbeat (fold runs of parallel fold jobs, the parent they share) are left to
 (mark_stale_folds_failed), except the nested runs of a dead stage run."""
 from __future__ import annotations
 
+import logging
 import os
 import signal
 import socket
@@ -24,6 +25,8 @@ from psydef.tracking.names import (END_REASON, HEARTBEAT, HEARTBEAT_HOST, HEARTB
                                    PARENT_RUN_ID, STAGE)
 from psydef.tracking.store import client
 from psydef.tracking.writes import run_tag, tolerate_concurrent_write
+
+logger = logging.getLogger(__name__)
 
 
 HEARTBEAT_S = 30.0
@@ -191,6 +194,6 @@ def mark_dead_runs_failed(experiment_id: str | None = None) -> list[str]:
                 if model.status == LoggedModelStatus.PENDING:
                     mlflow_client.finalize_logged_model(model.model_id, LoggedModelStatus.FAILED)
             ended.append(dead)
-        print(f"{run.data.tags.get(STAGE, 'run')} run {run_id} was left RUNNING: {reason}; marked FAILED"
-              + (f" with its nested runs {orphans}" if orphans else ""))
+        logger.info(f"{run.data.tags.get(STAGE, 'run')} run {run_id} was left RUNNING: {reason}; marked FAILED"
+                    + (f" with its nested runs {orphans}" if orphans else ""))
     return ended

@@ -20,6 +20,8 @@ from psydef.tracking.queries import fold_attempts
 from psydef.tracking.store import client
 from psydef.tracking.writes import run_tag, tolerate_concurrent_write
 
+logger = logging.getLogger(__name__)
+
 
 def train_tags(seed: int, backbone: str, data_digest: str, prepare_run_id: str,
                member: str | None = None) -> dict[str, str]:
@@ -66,9 +68,9 @@ def _warn_exposed_params(run) -> None:
     psydef starts), and a param can be neither changed nor deleted."""
     exposed = sorted(key for key, value in run.data.params.items() if redact_uri(value) != value)
     if exposed:
-        print(f"warning: run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
-              "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
-              "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
+        logger.warning(f"run {run.info.run_id} holds a password in its param(s) {', '.join(exposed)}, logged by "
+                       "`mlflow run` from -P: change that password, and pass it through the environment (PGPASSWORD or "
+                       "~/.pgpass for PostgreSQL, MLFLOW_TRACKING_PASSWORD for a tracking server), never in -P values")
 
 
 @contextmanager
@@ -102,7 +104,7 @@ def system_metrics(run_id: str):
             monitor.publish_metrics(monitor.aggregate_metrics())
             monitor.mlflow_logger.flush()
         except (MlflowException, OSError) as err:  # a server away: only these samples are lost
-            logging.getLogger(__name__).warning("run %s: the last system metrics were not logged: %s", run_id, err)
+            logger.warning("run %s: the last system metrics were not logged: %s", run_id, err)
 
 
 def log_new_params(params: dict, run_id: str | None = None) -> None:

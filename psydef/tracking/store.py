@@ -2,6 +2,7 @@
 SQLite stores, the fast probe of a store that does not answer, and the MLflow client."""
 from __future__ import annotations
 
+import logging
 import os
 import socket
 from pathlib import Path
@@ -9,6 +10,8 @@ from pathlib import Path
 from psydef.core.secrets import redact_uri
 from psydef.tracking.names import CUSTOM_MODEL_DEVELOPMENT, DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, EXPERIMENT_KIND
 from psydef.tracking.writes import tolerate_concurrent_write
+
+logger = logging.getLogger(__name__)
 
 
 def configure(tracking_uri: str | None = None, experiment: str | None = None) -> str:
@@ -116,9 +119,9 @@ def _store_artifact_root_under_mlflow_run(uri: str, run) -> None:
             session.query(SqlRun).filter(SqlRun.run_uuid == run_id).update(
                 {SqlRun.artifact_uri: f"{root}/{run_id}/artifacts"})
     if move_experiment:
-        print(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
-              f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps them in "
-              f"{root}")
+        logger.info(f"experiment {experiment.name!r} (created by `mlflow run` with artifacts in "
+                    f"{experiment.artifact_location}, which every SQLite store of that folder shares) now keeps "
+                    f"them in {root}")
 
 
 PROBE_TIMEOUT_S = 5  # the first contact with a tracking server or database; MLflow's own retries apply after it
