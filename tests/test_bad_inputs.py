@@ -244,7 +244,7 @@ def test_a_bad_out_dir_is_refused_before_the_model_is_loaded(store, data_dir, tm
         raise AssertionError("reached the model or a stage")
     for name in ("load_model", "resolve_model_uri", "stage_run"):
         monkeypatch.setattr(tracking, name, never)
-    options = ["--seeds", "5", "--backbone", "minilm"] if command == "main" else []
+    options = ["--seeds", "5", "--members", "minilm"] if command == "main" else []
     before = _predict_runs(store)
     _refused(store, [command, "--data-dir", str(data_dir), "--out-dir", str(out_dir), *options], message)
     assert _predict_runs(store) == before

@@ -103,7 +103,8 @@ def test_concurrent_stages_and_fold_jobs_make_the_same_writes_without_crashing(s
     assert not found and [w.exitcode for w in workers] == [0] * N_PROCESSES, (
         "\n".join(found)[-6000:] + (f"\n--- server:\n{tail(server_log)}" if server_log else ""))
 
-    expected_tags = tracking.train_tags(7, "minilm", prepared.digest, prepared.run_id)
+    expected_tags = tracking.train_tags(7, "minilm", prepared.digest, prepared.run_id,
+                                        "minilm:char_ngrams=false,max_length=32")  # racing_writer's member
     for round_ in rounds:
         experiment = client.get_experiment_by_name(round_["experiment"])
         assert experiment.tags[tracking.EXPERIMENT_KIND] == tracking.CUSTOM_MODEL_DEVELOPMENT

@@ -128,9 +128,9 @@ def test_bad_options_are_refused():
     with pytest.raises(ValueError, match="encoder"):
         MiniLMBackbone(encoder="bert")
     for bad in ({"n_bags": 0}, {"row_subsample": 0}, {"feature_subsample": 1.5}):
-        with pytest.raises(ValueError, match="n_bags"):
+        with pytest.raises(ValueError, match=f"minilm {next(iter(bad))}: must be"):
             MiniLMBackbone(**bad)
-    from psydef.stages.config import check_hyper
+    from psydef.settings import check_hyper
 
     assert check_hyper("minilm", {"n_bags": 2, "row_subsample": 0.8, "encoder": "mpnet"}) == {
         "n_bags": 2, "row_subsample": 0.8, "encoder": "mpnet"}

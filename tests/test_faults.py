@@ -217,7 +217,7 @@ def test_a_register_killed_once_its_version_exists_leaves_that_version_complete(
     [number] = sorted(set(_versions()) - set(before))
     version = MlflowClient().get_model_version(NAME, str(number))
     assert version.status == "READY" and version.description.startswith("Ensemble of 2 member(s)")
-    assert version.tags[tracking.V_TUNE_RUN_ID] == store.tune.good and tracking.GATE_METRIC in version.tags
+    assert version.tags[tracking.V_TUNE_RUN_ID] == store.tune.good and tracking.GATE_METRIC in tracking.version_metrics(version)
     _next_stage(data_dir)
     assert mlflow.get_run(version.run_id).info.status == "FAILED"
     MlflowClient().delete_model_version(NAME, str(number))

@@ -25,9 +25,10 @@ from psydef.tracking.names import (DEFAULT_EXPERIMENT, DEFAULT_TRACKING_URI, STA
                                    PREDICTION_ZIP, PREDICT_IDS, PREDICT_PROBS, CONFUSION_PLOT, PER_CLASS_F1_PLOT,
                                    SYSTEM_CPU, SYSTEM_MEMORY, MODEL_NAME, PRODUCTION, PREVIOUS, registered_model_uri,
                                    PRODUCTION_URI, LEGACY_STAGE, RAW_F1, CALIBRATED_F1, CALIBRATED_ESTIMATED_F1,
-                                   ESTIMATED_GAIN, ESTIMATED_GAIN_STD, ESTIMATED_F1, OOF_LEVEL_F1, CALIBRATION,
-                                   CALIBRATED, PLAIN, GATE_METRIC, MODEL_METRICS, V_TUNE_RUN_ID, V_TRAIN_RUN_IDS,
-                                   V_DATA_DIGEST, V_BACKBONE, LEASE_SUFFIX, LEASE_OWNER, LEASE_EXPIRES, LEASE_PROCESS)
+                                   ESTIMATED_GAIN, ESTIMATED_GAIN_STD, ESTIMATED_F1, OOF_LEVEL_F1, OOF_F1, OOF_F1_ALL,
+                                   OOF_ACCURACY, TRAIN_LOSS, VAL_PREFIX, CALIBRATION, CALIBRATED, PLAIN, GATE_METRIC,
+                                   MODEL_METRICS, V_TUNE_RUN_ID, V_TRAIN_RUN_IDS, V_DATA_DIGEST, V_BACKBONE,
+                                   LEASE_SUFFIX, LEASE_OWNER, LEASE_EXPIRES, LEASE_PROCESS)
 from psydef.tracking.store import (configure, ui_runs_url, sqlite_artifact_root, PROBE_TIMEOUT_S, split_userinfo,
                                    TrackingStoreUnreachable, DATABASE_PORTS, probe, client)
 from psydef.tracking.writes import (WRITE_ATTEMPTS, ConcurrentWriteConflict, is_unique_violation,
