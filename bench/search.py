@@ -29,7 +29,8 @@ from psydef import tracking
 from psydef.stages import tune
 from psydef.calibration import SAMPLERS
 from psydef.calibration.score import CandidateScorer
-from psydef.calibration.study import SearchSpace, align_members, run_study
+from psydef.calibration.study import SearchSpace, run_study
+from psydef.stages.tune import align_members
 
 CHECKPOINTS = (100, 300, 1_000, 2_200, 22_000)
 PRIOR = np.array([10, 4, 3, 10, 8, 5, 6.5, 52, 1.5]) / 100  # level 7 ~52 %, level 8 ~1.5 %

@@ -8,7 +8,7 @@ from psydef.calibration.rule import EnsembleSpec, plain_decode
 from psydef.calibration.score import CandidateScorer, macro_f1
 from psydef.calibration.calibrate import calibrate_oof
 from psydef.calibration.storage import load_study, parse_storage
-from psydef.calibration.study import SearchSpace, align_members, complete_trials, interactive_plots, run_study
+from psydef.calibration.study import SearchSpace, complete_trials, interactive_plots, run_study
 from tests.fixtures.fake_runs import oof_problem as problem, two_tuners_on_one_study
 
 optuna.logging.set_verbosity(optuna.logging.WARNING)
@@ -20,36 +20,6 @@ def scorer(seed=0, **kwargs):
 
 
 # --- alignment -----------------------------------------------------------------------------------
-
-
-def test_align_members_reorders_by_id():
-    logits, _, _ = problem(n=6)
-    ids = ["d1_u1", "d1_u2", "d2_u1", "d2_u2", "d3_u1", "d3_u2"]
-    order = [3, 0, 5, 1, 4, 2]
-    out_ids, aligned = align_members([("run_a", ids, logits[0]), ("run_b", [ids[i] for i in order], logits[1][order])])
-    assert out_ids == ids
-    np.testing.assert_array_equal(aligned[0], logits[0])
-    np.testing.assert_array_equal(aligned[1], logits[1])
-
-
-def test_align_members_refuses_different_id_sets():
-    ids = [f"u{i}" for i in range(5)]
-    with pytest.raises(ValueError, match=r"run_a and run_b .* 2 of run_a's ids are missing from run_b "
-                                                   r"and 1 of run_b's are not in run_a"):
-        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids[:3] + ["x"], np.zeros((4, 9)))])
-    with pytest.raises(ValueError, match="run_b has 1 duplicate"):
-        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids + ["u0"], np.zeros((6, 9)))])
-
-
-def test_align_members_refuses_missing_or_malformed_logits():
-    ids = ["a", "b"]
-    with pytest.raises(ValueError, match="run_b has no OOF logits"):
-        align_members([("run_a", ids, np.zeros((2, 9))), ("run_b", ids, None)])
-    with pytest.raises(ValueError, match=r"run_a's OOF logits .* shape \(2, 9\)"):
-        align_members([("run_a", ids, np.zeros((2, 8)))])
-
-
-# --- search space --------------------------------------------------------------------------------
 
 
 def test_search_space_fixes_delta_7_and_maps_sticks_to_weights():

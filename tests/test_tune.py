@@ -20,8 +20,8 @@ from psydef.calibration.storage import load_study
 from psydef.calibration.study import interactive_plots
 from psydef.stages import tune as tune_stage
 from psydef.stages.config import MemberSpec, TuneConfig
-from psydef.stages.tune import load_oof, pick_train_runs
-from tests.fixtures.fake_runs import Store
+from psydef.stages.tune import align_members, load_oof, pick_train_runs
+from tests.fixtures.fake_runs import Store, oof_problem as problem
 
 REPO = Path(__file__).resolve().parents[1]
 FAST = dict(n_trials=40, sampler="random", inner_trials=16)
@@ -231,3 +231,33 @@ def test_two_tune_processes_share_one_study(store):
     assert len(study.trials) == 64 and all(t.state.name == "COMPLETE" for t in study.trials)
     for run in runs:
         assert decoded_f1(run.info.run_id) == chosen_f1(run)
+
+
+def test_align_members_reorders_by_id():
+    logits, _, _ = problem(n=6)
+    ids = ["d1_u1", "d1_u2", "d2_u1", "d2_u2", "d3_u1", "d3_u2"]
+    order = [3, 0, 5, 1, 4, 2]
+    out_ids, aligned = align_members([("run_a", ids, logits[0]), ("run_b", [ids[i] for i in order], logits[1][order])])
+    assert out_ids == ids
+    np.testing.assert_array_equal(aligned[0], logits[0])
+    np.testing.assert_array_equal(aligned[1], logits[1])
+
+
+def test_align_members_refuses_different_id_sets():
+    ids = [f"u{i}" for i in range(5)]
+    with pytest.raises(ValueError, match=r"run_a and run_b .* 2 of run_a's ids are missing from run_b "
+                                                   r"and 1 of run_b's are not in run_a"):
+        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids[:3] + ["x"], np.zeros((4, 9)))])
+    with pytest.raises(ValueError, match="run_b has 1 duplicate"):
+        align_members([("run_a", ids, np.zeros((5, 9))), ("run_b", ids + ["u0"], np.zeros((6, 9)))])
+
+
+def test_align_members_refuses_missing_or_malformed_logits():
+    ids = ["a", "b"]
+    with pytest.raises(ValueError, match="run_b has no OOF logits"):
+        align_members([("run_a", ids, np.zeros((2, 9))), ("run_b", ids, None)])
+    with pytest.raises(ValueError, match=r"run_a's OOF logits .* shape \(2, 9\)"):
+        align_members([("run_a", ids, np.zeros((2, 8)))])
+
+
+# --- search space --------------------------------------------------------------------------------

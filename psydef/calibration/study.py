@@ -295,33 +295,3 @@ def _ask_tell_batch(study, space: SearchSpace, scorer: CandidateScorer, k: int) 
 
 # ---------------------------------------------------------------------------------------------
 # Members
-
-
-def align_members(members: Sequence[tuple[str, Sequence, np.ndarray | None]]) -> tuple[list, list[np.ndarray]]:
-    """``[(run_id, ids, logits), ...]`` -> (ids, [logits per member]) with every member's rows in
-    the first member's id order. Refuses members without (n, 9) logits, with duplicate ids, or
-    whose set of ids differs from the first member's."""
-    if not members:
-        raise ValueError("align_members needs at least one member.")
-    ref_run, ref_ids = members[0][0], list(members[0][1])
-    aligned = []
-    for run_id, ids, logits in members:
-        ids = list(ids)
-        if logits is None or np.size(logits) == 0:
-            raise ValueError(f"Run {run_id} has no OOF logits.")
-        logits = np.asarray(logits, dtype=np.float64)
-        if logits.shape != (len(ids), N_LEVELS) or not np.isfinite(logits).all():
-            raise ValueError(f"Run {run_id}'s OOF logits must be finite with shape ({len(ids)}, {N_LEVELS}) "
-                             f"(one row per OOF id); got shape {logits.shape}.")
-        position = {i: row for row, i in enumerate(ids)}
-        if len(position) != len(ids):
-            raise ValueError(f"Run {run_id} has {len(ids) - len(position)} duplicate OOF ids.")
-        missing = [i for i in ref_ids if i not in position]
-        extra = len(ids) - (len(ref_ids) - len(missing))
-        if missing or extra:
-            raise ValueError(
-                f"Runs {ref_run} and {run_id} have different OOF ids: {len(missing)} of {ref_run}'s ids are "
-                f"missing from {run_id} and {extra} of {run_id}'s are not in {ref_run} "
-                f"(e.g. {(missing or [i for i in ids if i not in set(ref_ids)])[:3]}).")
-        aligned.append(logits[[position[i] for i in ref_ids]])
-    return ref_ids, aligned

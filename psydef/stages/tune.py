@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -23,7 +24,8 @@ from mlflow.exceptions import MlflowException
 
 from psydef import tracking
 from psydef.calibration.calibrate import calibrate_oof
-from psydef.calibration.study import align_members, interactive_plots
+from psydef.calibration.study import interactive_plots
+from psydef.core.labels import N_LEVELS
 from psydef.core.metrics import plot_confusion_matrix
 from psydef.backbones import resolve_backbone_name
 from psydef.stages.config import MemberSpec, TuneConfig, member_tag
@@ -105,6 +107,36 @@ def _real_records(prepare_run_id: str, train_run_id: str) -> pd.DataFrame:
     except ValueError as err:
         raise ValueError(f"{err} (tag {tracking.PREPARE_RUN_ID} of train run {train_run_id})") from err
     return folds[~folds["is_augmented"].astype(bool)].set_index("id")
+
+
+def align_members(members: Sequence[tuple[str, Sequence, np.ndarray | None]]) -> tuple[list, list[np.ndarray]]:
+    """``[(run_id, ids, logits), ...]`` -> (ids, [logits per member]) with every member's rows in
+    the first member's id order. Refuses members without (n, 9) logits, with duplicate ids, or
+    whose set of ids differs from the first member's."""
+    if not members:
+        raise ValueError("align_members needs at least one member.")
+    ref_run, ref_ids = members[0][0], list(members[0][1])
+    aligned = []
+    for run_id, ids, logits in members:
+        ids = list(ids)
+        if logits is None or np.size(logits) == 0:
+            raise ValueError(f"Run {run_id} has no OOF logits.")
+        logits = np.asarray(logits, dtype=np.float64)
+        if logits.shape != (len(ids), N_LEVELS) or not np.isfinite(logits).all():
+            raise ValueError(f"Run {run_id}'s OOF logits must be finite with shape ({len(ids)}, {N_LEVELS}) "
+                             f"(one row per OOF id); got shape {logits.shape}.")
+        position = {i: row for row, i in enumerate(ids)}
+        if len(position) != len(ids):
+            raise ValueError(f"Run {run_id} has {len(ids) - len(position)} duplicate OOF ids.")
+        missing = [i for i in ref_ids if i not in position]
+        extra = len(ids) - (len(ref_ids) - len(missing))
+        if missing or extra:
+            raise ValueError(
+                f"Runs {ref_run} and {run_id} have different OOF ids: {len(missing)} of {ref_run}'s ids are "
+                f"missing from {run_id} and {extra} of {run_id}'s are not in {ref_run} "
+                f"(e.g. {(missing or [i for i in ids if i not in set(ref_ids)])[:3]}).")
+        aligned.append(logits[[position[i] for i in ref_ids]])
+    return ref_ids, aligned
 
 
 def load_oof(run_ids: list[str]) -> OOFBundle:
