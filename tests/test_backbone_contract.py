@@ -52,9 +52,7 @@ def _setup(name: str, request) -> tuple[Setup, dict]:
     return setup, hyper
 
 
-def _fit(name: str, hyper: dict, rows, monkeypatch):
-    """A fit that computes: minilm keeps its fits in a module-level cache, emptied here."""
-    monkeypatch.setattr("psydef.backbones.minilm._FITTED", {}, raising=False)
+def _fit(name: str, hyper: dict, rows):
     return backbone_class(name)(**hyper).fit(rows, seed=0)
 
 
@@ -67,8 +65,7 @@ def trained(request):
     name = request.param
     setup, hyper = _setup(name, request)
     rows = dialogue_rows(setup.rows)
-    with pytest.MonkeyPatch.context() as monkeypatch:
-        model = _fit(name, hyper, rows, monkeypatch)
+    model = _fit(name, hyper, rows)
     return SimpleNamespace(name=name, setup=setup, hyper=hyper, rows=rows, model=model,
                            logits=model.predict_logits(rows))
 
@@ -104,8 +101,8 @@ def test_the_adapter_folder_holds_no_pickle_and_loads_back_to_the_same_logits(tr
     np.testing.assert_allclose(loaded.predict_logits(trained.rows), trained.logits, rtol=0, atol=trained.setup.atol)
 
 
-def test_two_fits_with_one_seed_give_equal_logits(trained, monkeypatch):
-    again = _fit(trained.name, trained.hyper, trained.rows, monkeypatch)
+def test_two_fits_with_one_seed_give_equal_logits(trained):
+    again = _fit(trained.name, trained.hyper, trained.rows)
     np.testing.assert_array_equal(again.predict_logits(trained.rows), trained.logits)
 
 
